@@ -1,0 +1,65 @@
+"""trax_attr: TRAK training-data attribution, JAX-native.
+
+The workflow shell is :class:`TRAKer`; the pure functional core is :func:`featurize`,
+:func:`trak_scores` and the projection functions; tasks extend :class:`ModelOutput`.
+"""
+
+from .features import IllConditionedWarning
+from .features import featurize
+from .features import inverse_gram
+from .features import solve
+from .features import xtx
+from .gradients import select
+from .models import Model
+from .models import as_model
+from .models import callable_model
+from .models import linen_model
+from .models import nnx_model
+from .projection import Projector
+from .projection import identity
+from .projection import materialize
+from .projection import normal
+from .projection import project
+from .projection import projection_cache
+from .projection import projection_key
+from .projection import rademacher
+from .scoring import score_block
+from .scoring import trak_scores
+from .tasks import TASKS
+from .tasks import ImageClassification
+from .tasks import ModelOutput
+from .tasks import get_task
+from .tasks import out_to_loss_from_loss
+from .traker import TRAKer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IllConditionedWarning",
+    "ImageClassification",
+    "Model",
+    "ModelOutput",
+    "Projector",
+    "TASKS",
+    "TRAKer",
+    "as_model",
+    "callable_model",
+    "featurize",
+    "get_task",
+    "identity",
+    "inverse_gram",
+    "linen_model",
+    "materialize",
+    "nnx_model",
+    "normal",
+    "out_to_loss_from_loss",
+    "project",
+    "projection_cache",
+    "projection_key",
+    "rademacher",
+    "score_block",
+    "select",
+    "solve",
+    "trak_scores",
+    "xtx",
+]

@@ -1,0 +1,161 @@
+"""Featurize a checkpoint: projected per-example gradients, XᵀX, and the solve.
+
+For checkpoint m with training features Φ (n, k):
+
+    A = (ΦᵀΦ + λI)⁻¹          features  Φ·A  (n, k), stored per checkpoint
+
+Every function here is pure. :func:`featurize_fn` builds the per-batch function that the
+TRAKer jits once; :func:`xtx` and :func:`solve` are the jnp math for use inside a user's own
+jit; :func:`inverse_gram` is the host-side float64 factorisation the store path uses, with
+the diagnostics (ill-conditioning, non-positive-definite) that cannot live inside jit.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .gradients import GradWrt, Selection, out_to_loss_fn, per_example_grads, select
+from .models import Model, as_model
+from .projection import Projector, identity, project, projection_key
+from .tasks import ModelOutput, get_task
+
+__all__ = ["Featurizer", "featurize_fn", "featurize", "xtx", "solve", "inverse_gram",
+           "IllConditionedWarning"]
+
+logger = logging.getLogger(__name__)
+
+
+class IllConditionedWarning(UserWarning):
+    """XᵀX + λI is (nearly) singular: the scores are dominated by rounding errors."""
+
+
+class Featurizer(NamedTuple):
+    """What is fixed while featurizing with one model, task, selection and projector."""
+
+    task: ModelOutput
+    model: Model
+    selection: Selection
+    projector: Projector
+
+
+def featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
+    """Build ``fn(selected, rest, state, key, cache, batch) -> (phi, q)``.
+
+    Args of the returned function:
+      selected, rest: the params leaves split by ``f.selection``.
+      state: the fixed model state (BatchNorm statistics) or None.
+      key: the checkpoint's projection key; cache: its projection cache or None.
+      batch: tuple of arrays with a leading batch axis B.
+
+    Returns ``phi (B, k) f32`` and ``q (B,) f32`` (``None`` without out-to-loss). The
+    per-example gradients live only inside the function, one leaf at a time.
+    """
+
+    def fn(selected, rest, state, key, cache, batch):
+        grads = per_example_grads(f.task, f.model, f.selection, selected, rest, state, batch)
+        phi = project(f.projector, key, grads, cache)
+        if not with_out_to_loss:
+            return phi, None
+        q = out_to_loss_fn(f.task, f.model, f.selection)(selected, rest, state, batch)
+        return phi, q.astype(jnp.float32)
+
+    return fn
+
+
+def featurize(model, checkpoint, batch: tuple, *, task="image_classification",
+              projector: Projector | None = None, seed: int = 0, model_id=0,
+              grad_wrt: GradWrt = None) -> tuple[jax.Array, jax.Array]:
+    """Features of one batch with one checkpoint, as a pure function (jit it freely).
+
+    Args:
+      model: anything ``TRAKer(model=...)`` accepts.
+      checkpoint: its weights, as for ``TRAKer.load_checkpoint``.
+      batch: tuple of arrays with a leading batch axis B.
+      task, projector, seed, grad_wrt: as for ``TRAKer`` (projector defaults to identity).
+      model_id: the checkpoint's id; its projection key is fold_in(key(seed), model_id).
+
+    Returns:
+      ``phi (B, k) f32`` projected gradients and ``q (B,) f32`` out-to-loss terms.
+    """
+    model = as_model(model)
+    params, state = model.split(checkpoint)
+    selection = select(params, grad_wrt)
+    selected, rest = selection.split(params)
+    f = Featurizer(get_task(task), model, selection, projector or identity())
+    key = projection_key(seed, model_id)
+    return featurize_fn(f)(selected, rest, state, key, None, tuple(batch))
+
+
+def xtx(features: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """ΦᵀΦ ``(k, k)`` of ``features (n, k)``, accumulated in ``dtype``."""
+    x = features.astype(dtype)
+    return jnp.matmul(x.T, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def solve(features: jax.Array, gram: jax.Array, lambda_reg: float = 0.0, *,
+          traker_inverse_rescale: bool = False) -> jax.Array:
+    """Φ·(ΦᵀΦ + λI)⁻¹ ``(n, k)`` by Cholesky, in jnp (usable inside jit).
+
+    Args:
+      features: ``(n, k)`` f32 training features Φ.
+      gram: ``(k, k)`` ΦᵀΦ, e.g. :func:`xtx`.
+      lambda_reg: λ ≥ 0.
+      traker_inverse_rescale: divide A by mean|A| as traker 0.3.2 does.
+    """
+    k = gram.shape[0]
+    reg = gram + lambda_reg * jnp.eye(k, dtype=gram.dtype)
+    chol = jax.scipy.linalg.cho_factor(reg, lower=True)
+    inverse = jax.scipy.linalg.cho_solve(chol, jnp.eye(k, dtype=gram.dtype))
+    if traker_inverse_rescale:
+        inverse = inverse / jnp.mean(jnp.abs(inverse))
+    return jnp.matmul(features, inverse.astype(features.dtype),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+# Above this estimate of cond(XᵀX + λI), float32 features lose most of their digits.
+CONDITION_WARN = 1e6
+
+
+def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
+                 traker_inverse_rescale: bool = False) -> np.ndarray:
+    """A = (XᵀX + λI)⁻¹ ``(k, k)`` float64, factorised by Cholesky in float64 on the host.
+
+    Warns with :class:`IllConditionedWarning` when the matrix is ill-conditioned; falls
+    back to the pseudo-inverse (with a warning) when it is not positive definite, which
+    happens with λ = 0 and fewer training rows than k.
+    """
+    gram = np.asarray(gram, np.float64)
+    k = gram.shape[0]
+    reg = gram + lambda_reg * np.eye(k)
+    try:
+        chol = np.linalg.cholesky(reg)
+    except np.linalg.LinAlgError:
+        chol = None
+    diag = np.abs(np.diag(chol)) if chol is not None else None
+    if chol is None or diag.min() == 0:
+        warnings.warn(
+            f"XᵀX + λI is singular (λ = lambda_reg = {lambda_reg}); using its pseudo-inverse. "
+            "Set lambda_reg > 0 (e.g. 1e-3 × the mean diagonal of XᵀX) or featurize more "
+            "training examples than proj_dim.", IllConditionedWarning, stacklevel=3)
+        inverse = np.linalg.pinv(reg, hermitian=True)
+    else:
+        condition = float((diag.max() / diag.min()) ** 2)  # a lower bound on cond(reg)
+        if condition > CONDITION_WARN:
+            warnings.warn(
+                f"XᵀX + λI is ill-conditioned (condition ≥ {condition:.1e} with λ = "
+                f"lambda_reg = {lambda_reg}); scores may be dominated by rounding. Raise "
+                "lambda_reg (e.g. 1e-3 × the mean diagonal of XᵀX, "
+                f"{np.trace(gram) / k:.3g} here) or lower proj_dim.",
+                IllConditionedWarning, stacklevel=3)
+        identity = np.eye(k)
+        inverse = np.linalg.solve(chol.T, np.linalg.solve(chol, identity))
+    inverse = (inverse + inverse.T) / 2
+    if traker_inverse_rescale:
+        inverse /= np.abs(inverse).mean()
+    return inverse

@@ -1,0 +1,128 @@
+"""Model adapters: every supported model becomes ``apply(params, state, *inputs)``.
+
+``params`` are the trainable parameters TRAK differentiates; ``state`` is everything else
+a checkpoint holds (BatchNorm statistics, other collections), held fixed. An adapter also
+knows how to split one of its checkpoints into that pair.
+
+* a plain callable ``apply_fn(params, *inputs)``: checkpoints are params pytrees;
+* a ``flax.nnx.Module``: put in eval mode (running averages, deterministic dropout) and
+  split with ``nnx.split(module, nnx.Param, ...)``; checkpoints are modules of the same
+  structure, ``nnx.State`` of their parameters or of all variables, or ``None`` (the
+  module's own weights);
+* a ``flax.linen.Module``: checkpoints are variables dicts ``{'params': ..., 'batch_stats':
+  ...}``; pass call options such as ``train=False`` with :func:`linen_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+
+__all__ = ["Model", "as_model", "callable_model", "nnx_model", "linen_model"]
+
+
+class Model(NamedTuple):
+    """A model seen by TRAK: a pure apply function and a checkpoint splitter.
+
+    Attributes:
+      apply: ``apply(params, state, *inputs) -> outputs``, inputs with a batch axis.
+      split: ``split(checkpoint) -> (params, state)``.
+      name: what the model is, for messages.
+    """
+
+    apply: Callable[..., Any]
+    split: Callable[[Any], tuple[Any, Any]]
+    name: str
+
+
+def callable_model(apply_fn: Callable[..., Any]) -> Model:
+    """Wrap ``apply_fn(params, *inputs)``; a checkpoint is its params pytree."""
+
+    def apply(params, state, *inputs):
+        del state
+        return apply_fn(params, *inputs)
+
+    def split(checkpoint):
+        if checkpoint is None:
+            raise ValueError(
+                "checkpoint=None, but a plain apply function has no weights of its own; "
+                "pass the params pytree to load_checkpoint."
+            )
+        return checkpoint, None
+
+    return Model(apply, split, getattr(apply_fn, "__name__", "apply_fn"))
+
+
+def nnx_model(module) -> Model:
+    """Wrap a ``flax.nnx.Module``; evaluated in eval mode with non-Param state fixed."""
+    from flax import nnx
+
+    evaluated = nnx.merge(*nnx.split(module))  # a copy: the user's module is not touched
+    evaluated.eval()
+    graphdef, _, _ = nnx.split(evaluated, nnx.Param, ...)
+
+    def apply(params, state, *inputs):
+        return nnx.merge(graphdef, params, state)(*inputs)
+
+    def split(checkpoint):
+        if checkpoint is None:
+            checkpoint = module
+        if isinstance(checkpoint, nnx.Module):
+            _, params, state = nnx.split(checkpoint, nnx.Param, ...)
+            return params, state
+        if isinstance(checkpoint, nnx.State):
+            params, state = nnx.split_state(checkpoint, nnx.Param, ...)
+            if not jax.tree_util.tree_leaves(state):
+                # parameters only: keep the module's own non-parameter state
+                _, _, state = nnx.split(module, nnx.Param, ...)
+            return params, state
+        raise TypeError(
+            f"an nnx model's checkpoint must be an nnx.Module of the same structure, an "
+            f"nnx.State or None; got {type(checkpoint).__name__}. Save with "
+            "nnx.state(model) and pass that State, or pass the trained module itself."
+        )
+
+    return Model(apply, split, type(module).__name__)
+
+
+def linen_model(module, **apply_kwargs) -> Model:
+    """Wrap a ``flax.linen.Module``; ``apply_kwargs`` go to every call (e.g. train=False)."""
+
+    def apply(params, state, *inputs):
+        return module.apply({"params": params, **state}, *inputs, **apply_kwargs)
+
+    def split(checkpoint):
+        if not isinstance(checkpoint, Mapping) or "params" not in checkpoint:
+            raise TypeError(
+                f"a linen model's checkpoint must be a variables dict with a 'params' entry "
+                f"(as returned by module.init); got {type(checkpoint).__name__}"
+                + (f" with keys {sorted(checkpoint)}" if isinstance(checkpoint, Mapping) else "")
+                + ". Pass {'params': params, 'batch_stats': ...}."
+            )
+        state = {name: value for name, value in checkpoint.items() if name != "params"}
+        return checkpoint["params"], state
+
+    return Model(apply, split, type(module).__name__)
+
+
+def as_model(model) -> Model:
+    """Resolve ``model=``: a Model, an nnx or linen Module, or ``apply_fn(params, *inputs)``."""
+    if isinstance(model, Model):
+        return model
+    try:
+        from flax import linen, nnx
+    except ImportError:  # flax is optional for plain callables
+        linen = nnx = None
+    if nnx is not None and isinstance(model, nnx.Module):
+        return nnx_model(model)
+    if linen is not None and isinstance(model, linen.Module):
+        return linen_model(model)
+    if callable(model):
+        return callable_model(model)
+    raise TypeError(
+        f"model must be a flax.nnx.Module, a flax.linen.Module or a function "
+        f"apply_fn(params, *inputs); got {type(model).__name__}. torch modules go through "
+        "the interop package."
+    )
