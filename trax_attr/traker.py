@@ -131,8 +131,9 @@ class TRAKer:
         self.store = Store(save_dir, {
             "train_set_size": self.train_set_size,
             "task": repr(self.task),
-            "projector": {"kind": self.projector.kind, "proj_dim": self.projector.proj_dim,
-                          "dtype": self.projector.dtype},
+            "projector": self.projector.kind,
+            "proj_dim": self.projector.proj_dim,
+            "proj_dtype": self.projector.dtype,
             "seed": self.seed,
             "lambda_reg": self.lambda_reg,
             "grad_wrt": _describe_grad_wrt(grad_wrt),
