@@ -173,8 +173,13 @@ def matrix_block(projector: Projector, key: jax.Array, row_start, num_rows: int)
     cols = jnp.arange(projector.proj_dim, dtype=jnp.uint32)[None, :]
     dtype = jnp.dtype(projector.dtype)
     if projector.kind == "rademacher":
-        bit = _hash(words, rows, cols) >> 31
-        return (bit.astype(dtype) * 2 - 1).astype(dtype)
+        # ±1 straight from bits: 1.0 with its sign bit taken from the hash's top bit
+        # (top bit 1 -> +1). Bit patterns avoid slow bfloat16 arithmetic on CPUs.
+        width = dtype.itemsize * 8
+        uint = {16: jnp.uint16, 32: jnp.uint32}[width]
+        one = {"bfloat16": 0x3F80, "float16": 0x3C00, "float32": 0x3F800000}[dtype.name]
+        sign = ((~_hash(words, rows, cols)) >> (32 - width)) & jnp.uint32(1 << (width - 1))
+        return jax.lax.bitcast_convert_type(uint(one) | sign.astype(uint), dtype)
     # Box-Muller from two independent 24-bit uniforms; u1 in (0, 1] keeps log finite.
     scale = jnp.float32(1.0 / (1 << 24))
     u1 = ((_hash(words, rows, cols, 1) >> 8).astype(jnp.float32) + 1.0) * scale
@@ -191,15 +196,19 @@ def materialize(projector: Projector, key: jax.Array, grad_dim: int) -> jax.Arra
 
 
 def _leaf_matrix(projector: Projector, key, offset: int, size: int, rows: int) -> jax.Array:
+    """Rows ``[offset, offset + size)`` of P, generated block by block in place."""
     full, rem = divmod(size, rows)
-    parts = []
+    out = jnp.zeros((size, projector.proj_dim), jnp.dtype(projector.dtype))
+
+    def body(i, out):
+        block = matrix_block(projector, key, offset + i * rows, rows)
+        return jax.lax.dynamic_update_slice_in_dim(out, block, i * rows, axis=0)
+
     if full:
-        starts = offset + rows * jnp.arange(full, dtype=jnp.uint32)
-        stacked = jax.lax.map(lambda s: matrix_block(projector, key, s, rows), starts)
-        parts.append(stacked.reshape(full * rows, -1))
+        out = jax.lax.fori_loop(0, full, body, out)
     if rem:
-        parts.append(matrix_block(projector, key, offset + full * rows, rem))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        out = out.at[full * rows:].set(matrix_block(projector, key, offset + full * rows, rem))
+    return out
 
 
 def projection_cache(projector: Projector, key: jax.Array,
@@ -223,21 +232,33 @@ def _build_cache(projector, key, leaf_sizes):
                  for i, size in enumerate(leaf_sizes))
 
 
-def _project_leaf(projector: Projector, key, g: jax.Array, offset: int, rows: int) -> jax.Array:
-    """g (B, size) @ P[offset:offset+size] -> (B, k) f32, generating P in blocks."""
+def _project_leaf(projector: Projector, key, g: jax.Array, offset: int, rows: int,
+                  cached: jax.Array | None) -> jax.Array:
+    """g (B, size) @ P[offset:offset+size] -> (B, k) f32, one block of rows at a time.
+
+    Blocks come from ``cached`` (this leaf's rows of P) or are generated. Blocking also
+    keeps each matmul's contraction short, which XLA's CPU dot runs markedly faster
+    (measured: 2x at d = 1M) than one dot over the whole leaf.
+    """
     size = g.shape[1]
     full, rem = divmod(size, rows)
+
+    def block_of(start, num):
+        if cached is None:
+            return matrix_block(projector, key, offset + start, num)
+        return jax.lax.dynamic_slice_in_dim(cached, start, num, axis=0)
+
     acc = jnp.zeros((g.shape[0], projector.proj_dim), jnp.float32)
     if full:
         def body(i, acc):
-            block = matrix_block(projector, key, offset + i * rows, rows)
             g_block = jax.lax.dynamic_slice_in_dim(g, i * rows, rows, axis=1)
-            return acc + jnp.dot(g_block, block, preferred_element_type=jnp.float32)
+            return acc + jnp.dot(g_block, block_of(i * rows, rows),
+                                 preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, full, body, acc)
     if rem:
-        block = matrix_block(projector, key, offset + full * rows, rem)
-        acc = acc + jnp.dot(g[:, full * rows:], block, preferred_element_type=jnp.float32)
+        acc = acc + jnp.dot(g[:, full * rows:], block_of(full * rows, rem),
+                            preferred_element_type=jnp.float32)
     return acc
 
 
@@ -266,9 +287,7 @@ def project(projector: Projector, key: jax.Array, grads: tuple[jax.Array, ...],
     offset = 0
     for i, g in enumerate(grads):
         g = g.astype(dtype)
-        if cache is not None:
-            acc = acc + jnp.dot(g, cache[i], preferred_element_type=jnp.float32)
-        else:
-            acc = acc + _project_leaf(projector, key, g, offset, rows)
+        cached = None if cache is None else cache[i]
+        acc = acc + _project_leaf(projector, key, g, offset, rows, cached)
         offset += sizes[i]
     return acc * norm
