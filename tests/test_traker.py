@@ -223,3 +223,20 @@ def test_bad_batches_are_refused(tmp_path, linear_checkpoints, data):
         traker.featurize(batch=(x[:3], y[:3]), inds=np.array([1, 1, 2]))
     with pytest.raises(ValueError, match="same leading batch axis"):
         traker.featurize(batch=(x[:10], y[:9]))
+
+
+class PlainTask(trax_attr.ModelOutput):
+    """A custom task that is not a dataclass: its repr holds a memory address."""
+
+    def get_output(self, apply_fn, params, x, y):
+        return trax_attr.ImageClassification().get_output(apply_fn, params, x, y)
+
+    def get_out_to_loss_grad(self, apply_fn, params, batch):
+        return trax_attr.ImageClassification().get_out_to_loss_grad(apply_fn, params, batch)
+
+
+def test_store_reopens_with_an_equal_custom_task(tmp_path):
+    make(tmp_path, task=PlainTask())
+    make(tmp_path, task=PlainTask)                      # another instance, same task
+    with pytest.raises(ValueError, match="task: stored"):
+        make(tmp_path, task=trax_attr.ImageClassification(loss_temperature=2.0))

@@ -22,6 +22,7 @@ store.py. Every step is resumable: rows already on disk are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -68,6 +69,15 @@ class _Loaded:
     key: jax.Array
     cache: tuple | None
     fingerprint: str
+
+
+def _describe_task(task: ModelOutput) -> str:
+    """A description of the task that is stable across processes (no memory addresses)."""
+    name = f"{type(task).__module__}.{type(task).__qualname__}"
+    if dataclasses.is_dataclass(task):
+        fields = ", ".join(f"{f.name}={getattr(task, f.name)!r}" for f in dataclasses.fields(task))
+        return f"{name}({fields})"
+    return name
 
 
 def _describe_grad_wrt(grad_wrt: GradWrt):
@@ -130,7 +140,7 @@ class TRAKer:
         self.chunk_rows = int(chunk_rows)
         self.store = Store(save_dir, {
             "train_set_size": self.train_set_size,
-            "task": repr(self.task),
+            "task": _describe_task(self.task),
             "projector": self.projector.kind,
             "proj_dim": self.projector.proj_dim,
             "proj_dtype": self.projector.dtype,
