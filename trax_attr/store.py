@@ -78,7 +78,8 @@ class StoreWriteError(OSError):
 _WRITE_ERRNOS = {errno.ENOSPC: "the device is full", errno.EDQUOT: "the disk quota is exceeded",
                  errno.EROFS: "the filesystem is read-only",
                  errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
-                 errno.EFBIG: "the file is too large for this filesystem"}
+                 errno.EFBIG: "the file is too large for this filesystem",
+                 errno.ENOTDIR: "a parent of save_dir is a file, not a folder"}
 
 
 @contextlib.contextmanager
@@ -100,9 +101,14 @@ def _writing(path: Path, what: str) -> Iterator[None]:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Replace ``path`` by ``data`` as JSON, atomically: readers see the old or the new."""
+    """Replace ``path`` by ``data`` as JSON, atomically: readers see the old or the new.
+
+    Call with the store's ``meta`` lock held (it also removes temp files of killed writers).
+    """
     with _writing(path, "metadata"):
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
+            stale.unlink()  # left by a killed writer; callers hold the meta lock
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as handle:
@@ -205,7 +211,7 @@ def _open_memmap(path: Path, mode: str) -> np.memmap:
             raise
         raise ValueError(
             f"{str(path)!r} is not a readable .npy array ({err}); it is truncated or corrupted. "
-            "Delete it: the rows it held are recomputed on the next call."
+            f"Delete the folder {str(path.parent)!r}: what it held is recomputed on the next call."
         ) from None
 
 
@@ -363,11 +369,24 @@ class Store:
     def model_arrays(self, model_id: int, n: int, k: int, mode: str = "r+") -> dict[str, np.memmap]:
         """The row arrays of a checkpoint: grads (n, k) f32, out_to_loss (n,) f32, done (n,) u1."""
         folder = self.model_dir(model_id)
+        self._check_complete(folder / "done.npy", [folder / "grads.npy", folder / "out_to_loss.npy"])
         return {
             "grads": self.open_array(folder / "grads.npy", (n, k), np.float32, mode),
             "out_to_loss": self.open_array(folder / "out_to_loss.npy", (n,), np.float32, mode),
             "done": self.open_array(folder / "done.npy", (n,), np.uint8, mode),
         }
+
+    @staticmethod
+    def _check_complete(done: Path, values: list[Path]) -> None:
+        # done flags without their values would make zeros look finished
+        if done.exists():
+            missing = [p.name for p in values if not p.exists()]
+            if missing:
+                raise ValueError(
+                    f"{str(done)!r} records finished rows but {missing} in the same folder is "
+                    f"missing, so those rows are lost. Delete the folder {str(done.parent)!r} "
+                    "(or its done file) to recompute them."
+                )
 
     def model_lock(self, model_id: int, *, shared: bool, doing: str):
         """The lock of one checkpoint's rows: shared to featurize, exclusive to finalize."""
@@ -534,6 +553,7 @@ class Store:
                       mode: str = "r+") -> dict[str, np.memmap]:
         folder = self.experiment_dir(name)
         model_id = check_model_id(model_id)
+        self._check_complete(folder / f"{model_id}_done.npy", [folder / f"{model_id}_targets.npy"])
         return {
             "grads": self.open_array(folder / f"{model_id}_targets.npy", (m, k), np.float32, mode),
             "done": self.open_array(folder / f"{model_id}_done.npy", (m,), np.uint8, mode),
@@ -544,6 +564,8 @@ class Store:
         folder = self.experiment_dir(name)
         path = folder / "scores.npy"
         with _writing(path, "scores"):
+            for stale in folder.glob(".scores.npy.*.partial"):
+                stale.unlink()  # left by a killed finalize_scores; callers hold the exp lock
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=".scores.npy.", suffix=".partial")
             try:
                 with os.fdopen(fd, "wb") as handle:

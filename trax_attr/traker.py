@@ -321,6 +321,11 @@ class TRAKer:
                 NonFiniteWarning, stacklevel=3)
         return results, np.where(bad, 2, 1).astype(np.uint8)
 
+    def finalized(self, model_id: int) -> bool:
+        """Whether ``model_id``'s features are finalized (a resumed script skips it)."""
+        meta = self.store.model_meta(check_model_id(model_id))
+        return bool(meta and meta["finalized"])
+
     def zeroed_rows(self, model_id: int, exp_name: str | None = None) -> np.ndarray:
         """Rows stored as zeros because of NaN or Inf (``nonfinite="zero"``), ``(r,) int64``.
 
@@ -357,7 +362,8 @@ class TRAKer:
             if self.store.model_meta(loaded.model_id)["finalized"]:
                 raise ValueError(
                     f"model_id={loaded.model_id} is already finalized; its features are fixed. "
-                    "Featurize new checkpoints under a new model_id (or use another save_dir)."
+                    "Featurize new checkpoints under a new model_id (or use another save_dir); "
+                    "a resumed script can skip checkpoints where traker.finalized(model_id)."
                 )
             bad_inputs = self._check_batch(loaded, batch, inds)
             self._train_cursor = int(inds.max()) + 1 if inds.size else self._train_cursor
