@@ -203,9 +203,32 @@ def _reserve(path: Path) -> None:
         os.close(fd)
 
 
+def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """(shape, dtype, fortran_order, data offset) of a .npy file whose size matches them."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+        offset = handle.tell()
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects, which are never unpickled")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        # np.memmap in r+ mode would silently zero-extend a short file
+        raise ValueError(f"it has {size} bytes where its header needs {expected}")
+    return shape, dtype, fortran, offset
+
+
 def _open_memmap(path: Path, mode: str) -> np.memmap:
     try:
-        return np.lib.format.open_memmap(path, mode=mode)
+        shape, dtype, fortran, offset = _read_header(path)
+        return np.memmap(path, dtype=dtype, mode=mode, offset=offset, shape=shape,
+                         order="F" if fortran else "C")
     except (ValueError, OSError, EOFError) as err:
         if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
             raise
@@ -359,6 +382,9 @@ class Store:
 
     def create_model(self, model_id: int, fingerprint: str) -> dict[str, Any]:
         """The meta of ``model_id``, created for ``fingerprint`` if absent (race-free)."""
+        meta = self.model_meta(model_id)
+        if meta is not None:  # no lock needed to read: a read-only store can be resumed
+            return meta
         with self.lock("meta", wait=True):
             meta = self.model_meta(model_id)
             if meta is None:

@@ -366,20 +366,22 @@ class TRAKer:
                     "a resumed script can skip checkpoints where traker.finalized(model_id)."
                 )
             bad_inputs = self._check_batch(loaded, batch, inds)
-            self._train_cursor = int(inds.max()) + 1 if inds.size else self._train_cursor
             arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
             work, rows = self._todo(batch, inds, arrays["done"])
-            if work is None:
-                return
-            bad_inputs = bad_inputs[np.isin(inds, rows)]
-            phi, q = self._featurize(loaded.selected, loaded.rest, loaded.state, loaded.key,
-                                     loaded.cache, tuple(jnp.asarray(a) for a in work))
-            results, flags = self._finish_rows(
-                rows, bad_inputs, {"projected gradients": np.asarray(phi)[: len(rows)],
-                                   "out-to-loss values (from the model outputs)":
-                                       np.asarray(q)[: len(rows)]}, "training")
-            phi, q = results.values()
-            self.store.write_rows(arrays, rows, {"grads": phi, "out_to_loss": q}, flags)
+            if work is not None:
+                self._featurize_rows(loaded, work, rows, bad_inputs[np.isin(inds, rows)], arrays)
+        # only a batch that is on disk moves the cursor: a failed call can be repeated as is
+        self._train_cursor = int(inds.max()) + 1 if inds.size else self._train_cursor
+
+    def _featurize_rows(self, loaded: _Loaded, work, rows, bad_inputs, arrays) -> None:
+        phi, q = self._featurize(loaded.selected, loaded.rest, loaded.state, loaded.key,
+                                 loaded.cache, tuple(jnp.asarray(a) for a in work))
+        results, flags = self._finish_rows(
+            rows, bad_inputs, {"projected gradients": np.asarray(phi)[: len(rows)],
+                               "out-to-loss values (from the model outputs)":
+                                   np.asarray(q)[: len(rows)]}, "training")
+        phi, q = results.values()
+        self.store.write_rows(arrays, rows, {"grads": phi, "out_to_loss": q}, flags)
 
     def _require_loaded(self) -> _Loaded:
         if self._loaded is None:
@@ -505,21 +507,19 @@ class TRAKer:
         batch, inds = self._rows(batch, inds, num_samples, s["cursor"], s["num_targets"], "target")
         with self.store.experiment_lock(s["exp_name"], shared=True, doing="score"):
             bad_inputs = self._check_batch(loaded, batch, inds)
-            s["cursor"] = int(inds.max()) + 1 if inds.size else s["cursor"]
             arrays = self.store.target_arrays(s["exp_name"], loaded.model_id, s["num_targets"],
                                               self.proj_dim)
             work, rows = self._todo(batch, inds, arrays["done"])
-            if work is None:
-                return
-            bad_inputs = bad_inputs[np.isin(inds, rows)]
-            phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state,
-                                             loaded.key, loaded.cache,
-                                             tuple(jnp.asarray(a) for a in work))
-            results, flags = self._finish_rows(
-                rows, bad_inputs, {"projected target gradients": np.asarray(phi)[: len(rows)]},
-                "target")
-            (phi,) = results.values()
-            self.store.write_rows(arrays, rows, {"grads": phi}, flags)
+            if work is not None:
+                phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state,
+                                                 loaded.key, loaded.cache,
+                                                 tuple(jnp.asarray(a) for a in work))
+                results, flags = self._finish_rows(
+                    rows, bad_inputs[np.isin(inds, rows)],
+                    {"projected target gradients": np.asarray(phi)[: len(rows)]}, "target")
+                (phi,) = results.values()
+                self.store.write_rows(arrays, rows, {"grads": phi}, flags)
+        s["cursor"] = int(inds.max()) + 1 if inds.size else s["cursor"]
 
     def finalize_scores(self, exp_name: str, model_ids: Sequence[int] | None = None,
                         allow_skip: bool = False) -> np.ndarray:
