@@ -157,6 +157,23 @@ def test_batch_past_the_end_of_the_training_set_is_refused(tmp_path, data, linea
         traker.featurize(batch=(x[:B], y[:B]), num_samples=B)
 
 
+def test_batch_partly_overlapping_finished_rows_computes_only_the_new_rows(
+        tmp_path, data, linear_checkpoints):
+    """The reference crashes here; resuming with shifted batches is safe."""
+    (x, y), _ = data
+    traker = make(tmp_path)
+    traker.load_checkpoint(linear_checkpoints[0], model_id=0)
+    for inds in (np.arange(0, 32), np.arange(16, 48), np.arange(32, 64)):
+        traker.featurize(batch=(x[inds], y[inds]), inds=inds)
+    clean = make(tmp_path / "clean")
+    featurize_all(clean, linear_checkpoints[0], (x, y))
+    got = traker.store.model_arrays(0, N, 16, mode="r")
+    want = clean.store.model_arrays(0, N, 16, mode="r")
+    np.testing.assert_array_equal(got["done"], want["done"])
+    scale = np.abs(want["grads"]).max()
+    np.testing.assert_allclose(got["grads"], want["grads"], rtol=1e-6, atol=1e-6 * scale)
+
+
 # --- call order ----------------------------------------------------------------------------
 def test_call_order_mistakes_are_refused(tmp_path, data, linear_checkpoints):
     (x, y), target = data

@@ -316,6 +316,17 @@ def test_save_dir_under_a_file_is_a_clear_error(tmp_path):
         make(tmp_path / "file" / "store")
 
 
+def test_unwritable_save_dir_is_a_clear_error(tmp_path, monkeypatch):
+    """As root, chmod does not stop writes, so permission denied is simulated."""
+    def denied(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(StoreWriteError, match=r"could not write the store folder .*permission "
+                                              r"denied.*fix the permissions of save_dir"):
+        make(tmp_path / "new")
+
+
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
     """A 512 KiB tmpfs: a real full disk, and remountable read-only (needs mount rights)."""

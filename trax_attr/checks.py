@@ -50,8 +50,10 @@ def nonfinite_rows(*arrays) -> np.ndarray:
     return bad
 
 
-def num_classes(model, params, state, batch) -> int | None:
+def num_classes(task, model, params, state, batch) -> int | None:
     """C of a classification model (from its output shape on one example), else None."""
+    if not isinstance(task, ImageClassification):
+        return None
     try:
         out = jax.eval_shape(model.apply, params, state, *(np.asarray(a)[:1] for a in batch[:-1]))
     except Exception:  # the model itself will raise a clearer error when it runs

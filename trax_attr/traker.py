@@ -287,7 +287,7 @@ class TRAKer:
         """Labels and inputs of a batch; returns ``(B,) bool`` rows with non-finite inputs."""
         if self._num_classes is None:
             self._num_classes = num_classes(
-                self.model, self._selection.merge(loaded.selected, loaded.rest), loaded.state,
+                self.task, self.model, self._selection.merge(loaded.selected, loaded.rest), loaded.state,
                 batch)
         check_labels(self.task, batch, inds, self._num_classes)
         bad = nonfinite_rows(*batch)
