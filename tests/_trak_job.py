@@ -2,7 +2,8 @@
 
 Run as ``python tests/_trak_job.py SAVE_DIR DATA_NPZ PHASE EVENT``: counts every flush of a
 memory map, rename and fsync (before and after each) made inside TRAKer.PHASE and kills
-itself with SIGKILL at event number EVENT of that phase (0: never). Prints READY once set up, DONE when the scores are final.
+itself with SIGKILL at event number EVENT of that phase (0: never). Prints READY once set
+up, DONE when the scores are final.
 The tests import :func:`run` to make the uninterrupted reference in-process.
 """
 

@@ -99,9 +99,9 @@ for start in range(0, len(rows), 64):
     chunk = rows[start:start + 64]
     with store.model_lock(0, shared=True, doing="featurize"):
         arrays = store.model_arrays(0, n, k)
-        store.write_rows(arrays, chunk, {"grads": np.repeat(chunk[:, None], k, 1).astype(np.float32),
-                                         "out_to_loss": chunk.astype(np.float32)},
-                         np.ones(len(chunk), np.uint8))
+        values = {"grads": np.repeat(chunk[:, None], k, 1).astype(np.float32),
+                  "out_to_loss": chunk.astype(np.float32)}
+        store.write_rows(arrays, chunk, values, np.ones(len(chunk), np.uint8))
 """
 
 

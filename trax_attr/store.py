@@ -373,7 +373,8 @@ class Store:
         if not isinstance(meta.get("fingerprint"), str) or not isinstance(
                 meta.get("finalized"), bool):
             raise ValueError(f"{str(path)!r} lacks a string 'fingerprint' or a boolean "
-                             "'finalized'; the store's metadata is corrupted. " + _repair_hint(path))
+                             "'finalized'; the store's metadata is corrupted. "
+                             + _repair_hint(path))
         return meta
 
     def write_model_meta(self, model_id: int, meta: dict[str, Any]) -> None:
@@ -395,7 +396,8 @@ class Store:
     def model_arrays(self, model_id: int, n: int, k: int, mode: str = "r+") -> dict[str, np.memmap]:
         """The row arrays of a checkpoint: grads (n, k) f32, out_to_loss (n,) f32, done (n,) u1."""
         folder = self.model_dir(model_id)
-        self._check_complete(folder / "done.npy", [folder / "grads.npy", folder / "out_to_loss.npy"])
+        self._check_complete(folder / "done.npy",
+                             [folder / "grads.npy", folder / "out_to_loss.npy"])
         return {
             "grads": self.open_array(folder / "grads.npy", (n, k), np.float32, mode),
             "out_to_loss": self.open_array(folder / "out_to_loss.npy", (n,), np.float32, mode),
@@ -551,7 +553,8 @@ class Store:
         if (not isinstance(meta.get("num_targets"), int) or not isinstance(ids, list)
                 or not all(isinstance(i, int) for i in ids)):
             raise ValueError(f"{str(path)!r} lacks an integer 'num_targets' or a list of integer "
-                             "'model_ids'; the store's metadata is corrupted. " + _repair_hint(path))
+                             "'model_ids'; the store's metadata is corrupted. "
+                             + _repair_hint(path))
         return meta
 
     def write_experiment_meta(self, name: str, meta: dict[str, Any]) -> None:

@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import (NonFiniteError, NonFiniteWarning, check_labels, check_nonfinite_mode,
+                     nonfinite_rows, num_classes)
 from .features import Featurizer, featurize_fn, inverse_gram
 from .gradients import GradWrt, Selection, select
 from .models import Model, as_model
 from .projection import Projector, get_projector, projection_cache, projection_key
-from .checks import (NonFiniteError, NonFiniteWarning, check_labels, check_nonfinite_mode,
-                     nonfinite_rows, num_classes)
 from .store import Store, check_model_id
 from .tasks import ModelOutput, get_task
 
@@ -117,8 +117,8 @@ class TRAKer:
                 f"train_set_size must be a positive integer (the number of training "
                 f"examples), got {train_set_size!r}."
             )
-        if isinstance(lambda_reg, bool) or not isinstance(lambda_reg, (int, float, np.number)) or not (
-                math.isfinite(lambda_reg) and lambda_reg >= 0):
+        if (isinstance(lambda_reg, bool) or not isinstance(lambda_reg, (int, float, np.number))
+                or not (math.isfinite(lambda_reg) and lambda_reg >= 0)):
             raise ValueError(f"lambda_reg must be a finite number >= 0, got {lambda_reg!r}; use "
                              "0.0 (none) or a small ridge such as 1e-3.")
         if np.dtype(xtx_dtype) not in (np.float32, np.float64):
@@ -286,9 +286,8 @@ class TRAKer:
     def _check_batch(self, loaded: _Loaded, batch, inds) -> np.ndarray:
         """Labels and inputs of a batch; returns ``(B,) bool`` rows with non-finite inputs."""
         if self._num_classes is None:
-            self._num_classes = num_classes(
-                self.task, self.model, self._selection.merge(loaded.selected, loaded.rest), loaded.state,
-                batch)
+            params = self._selection.merge(loaded.selected, loaded.rest)
+            self._num_classes = num_classes(self.task, self.model, params, loaded.state, batch)
         check_labels(self.task, batch, inds, self._num_classes)
         bad = nonfinite_rows(*batch)
         if bad.any() and self.nonfinite == "raise":
@@ -312,8 +311,8 @@ class TRAKer:
                 self._nonfinite_error(name, rows, found)
             bad |= found
         if bad.any():
-            results = {name: np.where(bad.reshape((-1,) + (1,) * (v.ndim - 1)), 0, v).astype(v.dtype)
-                       for name, v in results.items()}
+            results = {name: np.where(bad.reshape((-1,) + (1,) * (v.ndim - 1)), 0, v)
+                       .astype(v.dtype) for name, v in results.items()}
             warnings.warn(
                 f"{int(bad.sum())} {kind} examples hold NaN or Inf in their inputs, outputs or "
                 f"gradients (e.g. {rows[bad][:8].tolist()}); stored as zero rows (score 0) as "
@@ -552,8 +551,8 @@ class TRAKer:
             if model_id not in exp["model_ids"]:
                 raise ValueError(f"model_id={model_id} was not scored in experiment {exp_name!r} "
                                  f"(scored: {exp['model_ids']}).")
-            missing = np.flatnonzero(
-                self.store.target_arrays(exp_name, model_id, m, k, mode="r")["done"] == 0)
+            done = self.store.target_arrays(exp_name, model_id, m, k)["done"]
+            missing = np.flatnonzero(done == 0)
             if missing.size:
                 message = (f"experiment {exp_name!r}, model_id={model_id} is missing {missing.size} "
                            f"of {m} targets (e.g. {missing[:8].tolist()}); score them first")
