@@ -248,6 +248,7 @@ class Store:
 
     def __init__(self, root: str | os.PathLike, config: dict[str, Any]):
         self.root = Path(root)
+        self._real_root = self.root.resolve()
         meta_path = self.root / "store.json"
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"save_dir={str(self.root)!r} is a file, not a folder; pass a "
@@ -344,7 +345,7 @@ class Store:
     # --- paths ---------------------------------------------------------------------------
     def _inside(self, path: Path) -> Path:
         """``path`` if it resolves (links followed) inside save_dir; else ValueError."""
-        root = self.root.resolve()
+        root = self._real_root
         resolved = path.resolve()
         if resolved != root and root not in resolved.parents:
             raise ValueError(
