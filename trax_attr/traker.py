@@ -283,16 +283,12 @@ class TRAKer:
         take = np.concatenate([todo, np.full(padded - todo.size, todo[0])])
         return tuple(np.asarray(a)[take] for a in batch), inds[todo]
 
-    def _check_batch(self, loaded: _Loaded, batch, inds) -> np.ndarray:
-        """Labels and inputs of a batch; returns ``(B,) bool`` rows with non-finite inputs."""
+    def _check_batch(self, loaded: _Loaded, batch, inds) -> None:
+        """Labels of a classification batch: integers in range (JAX would clamp them)."""
         if self._num_classes is None:
             params = self._selection.merge(loaded.selected, loaded.rest)
             self._num_classes = num_classes(self.task, self.model, params, loaded.state, batch)
         check_labels(self.task, batch, inds, self._num_classes)
-        bad = nonfinite_rows(*batch)
-        if bad.any() and self.nonfinite == "raise":
-            self._nonfinite_error("inputs", inds, bad)
-        return bad
 
     def _nonfinite_error(self, what: str, inds, bad) -> None:
         raise NonFiniteError(
@@ -302,14 +298,21 @@ class TRAKer:
             "(score 0) and be told how many."
         )
 
-    def _finish_rows(self, rows, bad_inputs, results: dict[str, np.ndarray], kind: str):
-        """Zero or refuse non-finite rows; returns (results, done flags (R,) u1)."""
-        bad = bad_inputs.copy()
-        for name, values in results.items():
-            found = nonfinite_rows(values)
-            if found.any() and self.nonfinite == "raise":
-                self._nonfinite_error(name, rows, found)
-            bad |= found
+    def _finish_rows(self, rows, work, results: dict[str, np.ndarray], kind: str):
+        """Zero or refuse non-finite rows; returns (results, done flags (R,) u1).
+
+        The inputs are examined only when a result is non-finite (to name the cause), so
+        clean batches pay nothing for it; a non-finite input that reaches no result cannot
+        change any score.
+        """
+        found = {name: nonfinite_rows(values) for name, values in results.items()}
+        bad = np.logical_or.reduce(list(found.values()))
+        if bad.any() and self.nonfinite == "raise":
+            inputs = nonfinite_rows(*(np.asarray(a)[: len(rows)] for a in work)) & bad
+            if inputs.any():
+                self._nonfinite_error("inputs", rows, inputs)
+            name = next(name for name, rows_bad in found.items() if rows_bad.any())
+            self._nonfinite_error(name, rows, found[name])
         if bad.any():
             results = {name: np.where(bad.reshape((-1,) + (1,) * (v.ndim - 1)), 0, v)
                        .astype(v.dtype) for name, v in results.items()}
@@ -364,19 +367,19 @@ class TRAKer:
                     "Featurize new checkpoints under a new model_id (or use another save_dir); "
                     "a resumed script can skip checkpoints where traker.finalized(model_id)."
                 )
-            bad_inputs = self._check_batch(loaded, batch, inds)
+            self._check_batch(loaded, batch, inds)
             arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
             work, rows = self._todo(batch, inds, arrays["done"])
             if work is not None:
-                self._featurize_rows(loaded, work, rows, bad_inputs[np.isin(inds, rows)], arrays)
+                self._featurize_rows(loaded, work, rows, arrays)
         # only a batch that is on disk moves the cursor: a failed call can be repeated as is
         self._train_cursor = int(inds.max()) + 1 if inds.size else self._train_cursor
 
-    def _featurize_rows(self, loaded: _Loaded, work, rows, bad_inputs, arrays) -> None:
+    def _featurize_rows(self, loaded: _Loaded, work, rows, arrays) -> None:
         phi, q = self._featurize(loaded.selected, loaded.rest, loaded.state, loaded.key,
                                  loaded.cache, tuple(jnp.asarray(a) for a in work))
         results, flags = self._finish_rows(
-            rows, bad_inputs, {"projected gradients": np.asarray(phi)[: len(rows)],
+            rows, work, {"projected gradients": np.asarray(phi)[: len(rows)],
                                "out-to-loss values (from the model outputs)":
                                    np.asarray(q)[: len(rows)]}, "training")
         phi, q = results.values()
@@ -505,7 +508,7 @@ class TRAKer:
         loaded: _Loaded = s["loaded"]
         batch, inds = self._rows(batch, inds, num_samples, s["cursor"], s["num_targets"], "target")
         with self.store.experiment_lock(s["exp_name"], shared=True, doing="score"):
-            bad_inputs = self._check_batch(loaded, batch, inds)
+            self._check_batch(loaded, batch, inds)
             arrays = self.store.target_arrays(s["exp_name"], loaded.model_id, s["num_targets"],
                                               self.proj_dim)
             work, rows = self._todo(batch, inds, arrays["done"])
@@ -514,8 +517,7 @@ class TRAKer:
                                                  loaded.key, loaded.cache,
                                                  tuple(jnp.asarray(a) for a in work))
                 results, flags = self._finish_rows(
-                    rows, bad_inputs[np.isin(inds, rows)],
-                    {"projected target gradients": np.asarray(phi)[: len(rows)]}, "target")
+                    rows, work, {"projected target gradients": np.asarray(phi)[: len(rows)]}, "target")
                 (phi,) = results.values()
                 self.store.write_rows(arrays, rows, {"grads": phi}, flags)
         s["cursor"] = int(inds.max()) + 1 if inds.size else s["cursor"]
