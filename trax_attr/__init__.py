@@ -4,6 +4,8 @@ The workflow shell is :class:`TRAKer`; the pure functional core is :func:`featur
 :func:`trak_scores` and the projection functions; tasks extend :class:`ModelOutput`.
 """
 
+from .checks import NonFiniteError
+from .checks import NonFiniteWarning
 from .features import IllConditionedWarning
 from .features import featurize
 from .features import inverse_gram
@@ -24,6 +26,8 @@ from .projection import projection_cache
 from .projection import projection_key
 from .projection import rademacher
 from .scoring import score_block
+from .store import StoreBusyError
+from .store import StoreWriteError
 from .scoring import trak_scores
 from .tasks import TASKS
 from .tasks import ImageClassification
@@ -39,7 +43,11 @@ __all__ = [
     "ImageClassification",
     "Model",
     "ModelOutput",
+    "NonFiniteError",
+    "NonFiniteWarning",
     "Projector",
+    "StoreBusyError",
+    "StoreWriteError",
     "TASKS",
     "TRAKer",
     "as_model",

@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .checks import (NonFiniteError, NonFiniteWarning, check_labels, check_nonfinite_mode,
+                     nonfinite_rows, num_classes)
 from .features import Featurizer, featurize_fn, inverse_gram
 from .gradients import GradWrt, Selection, select
 from .models import Model, as_model
@@ -107,6 +109,10 @@ class TRAKer:
       traker_inverse_rescale: divide each (XᵀX + λI)⁻¹ by its mean absolute entry, as
         traker 0.3.2 does (for score parity with it; off by default).
       chunk_rows: rows of the store read at once by finalize steps; bounds memory.
+      nonfinite: what to do with examples whose inputs, outputs or gradients hold NaN or
+        Inf: ``"raise"`` (a :class:`NonFiniteError` naming them; nothing of the batch is
+        written) or ``"zero"`` (store them as zero rows, which get score 0, with a
+        :class:`NonFiniteWarning` giving how many; see :meth:`zeroed_rows`).
     """
 
     def __init__(self, model, task: str | ModelOutput = "image_classification",
@@ -114,16 +120,17 @@ class TRAKer:
                  proj_dim: int = 2048, projector: str | Projector = "rademacher", seed: int = 0,
                  lambda_reg: float = 0.0, grad_wrt: GradWrt = None, proj_dtype=jnp.bfloat16,
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
-                 chunk_rows: int = 16384):
+                 chunk_rows: int = 16384, nonfinite: str = "raise"):
         if (isinstance(train_set_size, bool) or not isinstance(train_set_size, (int, np.integer))
                 or train_set_size < 1):
             raise ValueError(
                 f"train_set_size must be a positive integer (the number of training "
                 f"examples), got {train_set_size!r}."
             )
-        if not isinstance(lambda_reg, (int, float, np.floating)) or not (
-                math.isfinite(lambda_reg) and lambda_reg >= 0):
-            raise ValueError(f"lambda_reg must be a finite number >= 0, got {lambda_reg!r}.")
+        if (isinstance(lambda_reg, bool) or not isinstance(lambda_reg, (int, float, np.number))
+                or not (math.isfinite(lambda_reg) and lambda_reg >= 0)):
+            raise ValueError(f"lambda_reg must be a finite number >= 0, got {lambda_reg!r}; use "
+                             "0.0 (none) or a small ridge such as 1e-3.")
         if np.dtype(xtx_dtype) not in (np.float32, np.float64):
             raise ValueError(f"xtx_dtype must be np.float32 or np.float64, got {xtx_dtype!r}.")
         if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
@@ -138,6 +145,8 @@ class TRAKer:
         self.xtx_dtype = np.dtype(xtx_dtype)
         self.traker_inverse_rescale = bool(traker_inverse_rescale)
         self.chunk_rows = int(chunk_rows)
+        self.nonfinite = check_nonfinite_mode(nonfinite)
+        self._num_classes: int | None = None
         self.store = Store(save_dir, {
             "train_set_size": self.train_set_size,
             "task": _describe_task(self.task),
@@ -178,8 +187,11 @@ class TRAKer:
             f = Featurizer(self.task, self.model, self._selection, self.projector)
             self._featurize = jax.jit(featurize_fn(f))
             self._featurize_targets = jax.jit(featurize_fn(f, with_out_to_loss=False))
-            self.store.check_config({"grad_dim": self._selection.grad_dim,
-                                     "parameters": list(self._selection.paths)})
+            self.store.check_config({
+                "grad_dim": self._selection.grad_dim,
+                "parameters": list(self._selection.paths),
+                "parameter_shapes": [list(np.shape(leaf))
+                                     for leaf in self._selection.split(params)[0]]})
         else:
             self._check_structure(params)
         selected, rest = self._selection.split(params)
@@ -211,16 +223,13 @@ class TRAKer:
         """
         model_id = check_model_id(model_id)
         loaded = self._prepare(checkpoint, model_id)
-        meta = self.store.model_meta(model_id)
-        if meta is not None and meta["fingerprint"] != loaded.fingerprint:
+        meta = self.store.create_model(model_id, loaded.fingerprint)
+        if meta["fingerprint"] != loaded.fingerprint:
             raise ValueError(
                 f"model_id={model_id} in {str(self.save_dir)!r} holds features of a different "
                 "checkpoint (its weights' fingerprint differs). Give this checkpoint a new "
                 "model_id, or use another save_dir."
             )
-        if meta is None:
-            self.store.write_model_meta(model_id, {"fingerprint": loaded.fingerprint,
-                                                   "finalized": False})
         self._loaded = loaded
         self._train_cursor = 0
 
@@ -248,21 +257,29 @@ class TRAKer:
                 )
             inds = np.arange(cursor, cursor + size)
         else:
+            if num_samples is not None and num_samples != size:
+                raise ValueError(
+                    f"num_samples={num_samples} but the batch holds {size} examples; pass "
+                    "num_samples=len(batch[0]) or leave it out when giving inds."
+                )
             inds = np.asarray(inds)
-            if not np.issubdtype(inds.dtype, np.integer) or inds.shape != (size,):
+            if (not np.issubdtype(inds.dtype, np.integer) or inds.dtype == np.bool_
+                    or inds.shape != (size,)):
                 raise ValueError(
                     f"inds must be {size} integers, one per example of the batch; got "
-                    f"{inds.dtype}{list(inds.shape)}."
+                    f"{inds.dtype}{list(inds.shape)}. Pass e.g. np.arange(start, start + {size})."
                 )
-        if inds.size and (inds.min() < 0 or inds.max() >= limit):
+        out = (inds < 0) | (inds >= limit)
+        if out.any():
             raise ValueError(
-                f"{what} rows {inds.min()}..{inds.max()} are out of range [0, {limit}); check "
-                "inds or the batches' total against the size given when the store was set up."
+                f"{what} rows {inds[out][:8].tolist()} ({int(out.sum())} of this batch) are out "
+                f"of range [0, {limit}); check inds, or the batches' total against the size "
+                f"given when the store was set up ({what} set size {limit})."
             )
         unique, counts = np.unique(inds, return_counts=True)
         if (counts > 1).any():
             raise ValueError(f"inds holds duplicates {unique[counts > 1][:8].tolist()}; each row "
-                             "of a batch must be a different example.")
+                             "of a batch must be a different example: drop the repeats.")
         return batch, inds
 
     @staticmethod
@@ -277,15 +294,66 @@ class TRAKer:
         take = np.concatenate([todo, np.full(padded - todo.size, todo[0])])
         return tuple(np.asarray(a)[take] for a in batch), inds[todo]
 
-    @staticmethod
-    def _check_finite(values: np.ndarray, inds: np.ndarray, what: str) -> None:
-        bad = ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+    def _check_batch(self, loaded: _Loaded, batch, inds) -> None:
+        """Labels of a classification batch: integers in range (JAX would clamp them)."""
+        if self._num_classes is None:
+            params = self._selection.merge(loaded.selected, loaded.rest)
+            self._num_classes = num_classes(self.task, self.model, params, loaded.state, batch)
+        check_labels(self.task, batch, inds, self._num_classes)
+
+    def _nonfinite_error(self, what: str, inds, bad) -> None:
+        raise NonFiniteError(
+            f"{what} of examples {inds[bad][:8].tolist()} ({int(bad.sum())} in this batch) hold "
+            "NaN or Inf; nothing of this batch was written. Fix those examples (or the model "
+            "on them), or pass TRAKer(..., nonfinite='zero') to store them as zero rows "
+            "(score 0) and be told how many."
+        )
+
+    def _finish_rows(self, rows, work, results: dict[str, np.ndarray], kind: str):
+        """Zero or refuse non-finite rows; returns (results, done flags (R,) u1).
+
+        The inputs are examined only when a result is non-finite (to name the cause), so
+        clean batches pay nothing for it; a non-finite input that reaches no result cannot
+        change any score.
+        """
+        found = {name: nonfinite_rows(values) for name, values in results.items()}
+        bad = np.logical_or.reduce(list(found.values()))
+        if bad.any() and self.nonfinite == "raise":
+            inputs = nonfinite_rows(*(np.asarray(a)[: len(rows)] for a in work)) & bad
+            if inputs.any():
+                self._nonfinite_error("inputs", rows, inputs)
+            name = next(name for name, rows_bad in found.items() if rows_bad.any())
+            self._nonfinite_error(name, rows, found[name])
         if bad.any():
-            raise FloatingPointError(
-                f"{what} of examples {inds[bad][:8].tolist()} ({int(bad.sum())} in this batch) "
-                "are NaN or Inf; nothing of this batch was written. Check those inputs and the "
-                "model's outputs on them."
-            )
+            results = {name: np.where(bad.reshape((-1,) + (1,) * (v.ndim - 1)), 0, v)
+                       .astype(v.dtype) for name, v in results.items()}
+            warnings.warn(
+                f"{int(bad.sum())} {kind} examples hold NaN or Inf in their inputs, outputs or "
+                f"gradients (e.g. {rows[bad][:8].tolist()}); stored as zero rows (score 0) as "
+                "nonfinite='zero' asks. TRAKer.zeroed_rows lists them all.",
+                NonFiniteWarning, stacklevel=3)
+        return results, np.where(bad, 2, 1).astype(np.uint8)
+
+    def finalized(self, model_id: int) -> bool:
+        """Whether ``model_id``'s features are finalized (a resumed script skips it)."""
+        meta = self.store.model_meta(check_model_id(model_id))
+        return bool(meta and meta["finalized"])
+
+    def zeroed_rows(self, model_id: int, exp_name: str | None = None) -> np.ndarray:
+        """Rows stored as zeros because of NaN or Inf (``nonfinite="zero"``), ``(r,) int64``.
+
+        Args:
+          model_id: the checkpoint.
+          exp_name: None for training rows, else the experiment whose target rows to list.
+        """
+        model_id = check_model_id(model_id)
+        if exp_name is None:
+            path = self.store.model_dir(model_id) / "done.npy"
+        else:
+            path = self.store.experiment_dir(exp_name) / f"{model_id}_done.npy"
+        if not path.exists():
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.load(path, mmap_mode="r", allow_pickle=False) == 2)
 
     def featurize(self, batch: Sequence, num_samples: int | None = None,
                   inds: np.ndarray | None = None) -> None:
@@ -301,30 +369,32 @@ class TRAKer:
         Rows already on disk are skipped, so re-running an interrupted loop resumes it.
         """
         loaded = self._require_loaded()
-        meta = self.store.model_meta(loaded.model_id)
-        if meta.get("finalized"):
-            raise ValueError(
-                f"model_id={loaded.model_id} is already finalized; its features are fixed. "
-                "Featurize new checkpoints under a new model_id (or use another save_dir)."
-            )
         batch, inds = self._rows(batch, inds, num_samples, self._train_cursor,
                                  self.train_set_size, "training")
+        with self.store.model_lock(loaded.model_id, shared=True, doing="featurize"):
+            if self.store.model_meta(loaded.model_id)["finalized"]:
+                raise ValueError(
+                    f"model_id={loaded.model_id} is already finalized; its features are fixed. "
+                    "Featurize new checkpoints under a new model_id (or use another save_dir); "
+                    "a resumed script can skip checkpoints where traker.finalized(model_id)."
+                )
+            self._check_batch(loaded, batch, inds)
+            arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
+            work, rows = self._todo(batch, inds, arrays["done"])
+            if work is not None:
+                self._featurize_rows(loaded, work, rows, arrays)
+        # only a batch that is on disk moves the cursor: a failed call can be repeated as is
         self._train_cursor = int(inds.max()) + 1 if inds.size else self._train_cursor
-        arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
-        work, rows = self._todo(batch, inds, arrays["done"])
-        if work is None:
-            return
+
+    def _featurize_rows(self, loaded: _Loaded, work, rows, arrays) -> None:
         phi, q = self._featurize(loaded.selected, loaded.rest, loaded.state, loaded.key,
                                  loaded.cache, tuple(jnp.asarray(a) for a in work))
-        phi, q = np.asarray(phi)[: len(rows)], np.asarray(q)[: len(rows)]
-        self._check_finite(phi, rows, "projected gradients")
-        self._check_finite(q, rows, "out-to-loss gradients")
-        arrays["grads"][rows] = phi
-        arrays["out_to_loss"][rows] = q
-        arrays["grads"].flush()
-        arrays["out_to_loss"].flush()
-        arrays["done"][rows] = 1
-        arrays["done"].flush()
+        results, flags = self._finish_rows(
+            rows, work, {"projected gradients": np.asarray(phi)[: len(rows)],
+                               "out-to-loss values (from the model outputs)":
+                                   np.asarray(q)[: len(rows)]}, "training")
+        phi, q = results.values()
+        self.store.write_rows(arrays, rows, {"grads": phi, "out_to_loss": q}, flags)
 
     def _require_loaded(self) -> _Loaded:
         if self._loaded is None:
@@ -351,29 +421,36 @@ class TRAKer:
             if meta is None:
                 raise ValueError(f"model_id={model_id} was never featurized; featurized ids are "
                                  f"{self.store.model_ids()}.")
-            if meta.get("finalized"):
+            if meta["finalized"]:
                 continue
-            arrays = self.store.model_arrays(model_id, n, k)
-            missing = np.flatnonzero(arrays["done"] == 0)
-            if missing.size:
-                raise ValueError(
-                    f"model_id={model_id} is missing {missing.size} of {n} training rows (e.g. "
-                    f"{missing[:8].tolist()}); featurize them before finalize_features."
-                )
-            grads = arrays["grads"]
-            gram = np.zeros((k, k), self.xtx_dtype)
-            for start in range(0, n, self.chunk_rows):
-                block = np.asarray(grads[start:start + self.chunk_rows], self.xtx_dtype)
-                gram += block.T @ block
-            inverse = inverse_gram(gram, self.lambda_reg,
-                                   traker_inverse_rescale=self.traker_inverse_rescale)
-            inverse = inverse.astype(np.float32)
-            features, publish = self.store.new_features(model_id, n, k)
+            with self.store.model_lock(model_id, shared=False, doing="finalize_features of"):
+                if self.store.model_meta(model_id)["finalized"]:
+                    continue  # another process finished it while we looked
+                self._finalize_one(model_id, n, k)
+            logger.info("finalized features of model_id=%d (n=%d, k=%d)", model_id, n, k)
+
+    def _finalize_one(self, model_id: int, n: int, k: int) -> None:
+        arrays = self.store.model_arrays(model_id, n, k, mode="r")
+        missing = np.flatnonzero(arrays["done"] == 0)
+        if missing.size:
+            raise ValueError(
+                f"model_id={model_id} is missing {missing.size} of {n} training rows (e.g. "
+                f"{missing[:8].tolist()}); featurize them before finalize_features."
+            )
+        grads = arrays["grads"]
+        gram = np.zeros((k, k), self.xtx_dtype)
+        for start in range(0, n, self.chunk_rows):
+            block = np.asarray(grads[start:start + self.chunk_rows], self.xtx_dtype)
+            gram += block.T @ block
+        inverse = inverse_gram(gram, self.lambda_reg,
+                               traker_inverse_rescale=self.traker_inverse_rescale)
+        inverse = inverse.astype(np.float32)
+
+        def fill(features):
             for start in range(0, n, self.chunk_rows):
                 features[start:start + self.chunk_rows] = grads[start:start + self.chunk_rows] @ inverse
-            publish()
-            self.store.write_model_meta(model_id, {**meta, "finalized": True})
-            logger.info("finalized features of model_id=%d (n=%d, k=%d)", model_id, n, k)
+
+        self.store.finalize_model(model_id, n, k, fill)
 
     def _stored_proj_dim(self) -> int:
         if self._selection is not None:
@@ -404,7 +481,7 @@ class TRAKer:
                 f"model_id={model_id} was never featurized in {str(self.save_dir)!r} "
                 f"(featurized: {self.store.model_ids()}); featurize and finalize it first."
             )
-        if not meta.get("finalized"):
+        if not meta["finalized"]:
             raise ValueError(f"model_id={model_id} is not finalized; call finalize_features() "
                              "before scoring.")
         loaded = self._prepare(checkpoint, model_id)
@@ -413,17 +490,19 @@ class TRAKer:
                 f"this checkpoint differs from the one featurized as model_id={model_id} (weights "
                 "fingerprint). Score with the same checkpoint you featurized."
             )
-        exp = self.store.experiment_meta(exp_name)
-        if exp is None:
-            exp = {"num_targets": int(num_targets), "model_ids": []}
-        elif exp["num_targets"] != num_targets:
-            raise ValueError(
-                f"experiment {exp_name!r} has num_targets={exp['num_targets']}, got "
-                f"{num_targets}; use a new exp_name for another target set."
-            )
-        if model_id not in exp["model_ids"]:
-            exp["model_ids"] = sorted(exp["model_ids"] + [model_id])
-        self.store.write_experiment_meta(exp_name, exp)
+        def add_model(exp):
+            if exp is None:
+                exp = {"num_targets": int(num_targets), "model_ids": []}
+            elif exp["num_targets"] != num_targets:
+                raise ValueError(
+                    f"experiment {exp_name!r} has num_targets={exp['num_targets']}, got "
+                    f"{num_targets}; use a new exp_name for another target set."
+                )
+            if model_id not in exp["model_ids"]:
+                exp = {**exp, "model_ids": sorted(exp["model_ids"] + [model_id])}
+            return exp
+
+        self.store.update_experiment_meta(exp_name, add_model)
         self._scoring = {"exp_name": exp_name, "loaded": loaded, "num_targets": int(num_targets),
                          "cursor": 0}
 
@@ -439,20 +518,20 @@ class TRAKer:
         s = self._scoring
         loaded: _Loaded = s["loaded"]
         batch, inds = self._rows(batch, inds, num_samples, s["cursor"], s["num_targets"], "target")
+        with self.store.experiment_lock(s["exp_name"], shared=True, doing="score"):
+            self._check_batch(loaded, batch, inds)
+            arrays = self.store.target_arrays(s["exp_name"], loaded.model_id, s["num_targets"],
+                                              self.proj_dim)
+            work, rows = self._todo(batch, inds, arrays["done"])
+            if work is not None:
+                phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state,
+                                                 loaded.key, loaded.cache,
+                                                 tuple(jnp.asarray(a) for a in work))
+                results, flags = self._finish_rows(
+                    rows, work, {"projected target gradients": np.asarray(phi)[: len(rows)]}, "target")
+                (phi,) = results.values()
+                self.store.write_rows(arrays, rows, {"grads": phi}, flags)
         s["cursor"] = int(inds.max()) + 1 if inds.size else s["cursor"]
-        arrays = self.store.target_arrays(s["exp_name"], loaded.model_id, s["num_targets"],
-                                          self.proj_dim)
-        work, rows = self._todo(batch, inds, arrays["done"])
-        if work is None:
-            return
-        phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state, loaded.key,
-                                         loaded.cache, tuple(jnp.asarray(a) for a in work))
-        phi = np.asarray(phi)[: len(rows)]
-        self._check_finite(phi, rows, "projected target gradients")
-        arrays["grads"][rows] = phi
-        arrays["grads"].flush()
-        arrays["done"][rows] = 1
-        arrays["done"].flush()
 
     def finalize_scores(self, exp_name: str, model_ids: Sequence[int] | None = None,
                         allow_skip: bool = False) -> np.ndarray:
@@ -468,6 +547,10 @@ class TRAKer:
           ``(train_set_size, num_targets)`` float32 scores, also saved as
           ``experiments/<exp_name>/scores.npy``.
         """
+        with self.store.experiment_lock(exp_name, shared=False, doing="finalize_scores of"):
+            return self._finalize_scores(exp_name, model_ids, allow_skip)
+
+    def _finalize_scores(self, exp_name, model_ids, allow_skip) -> np.ndarray:
         exp = self.store.experiment_meta(exp_name)
         if exp is None:
             raise ValueError(
@@ -481,7 +564,8 @@ class TRAKer:
             if model_id not in exp["model_ids"]:
                 raise ValueError(f"model_id={model_id} was not scored in experiment {exp_name!r} "
                                  f"(scored: {exp['model_ids']}).")
-            missing = np.flatnonzero(self.store.target_arrays(exp_name, model_id, m, k)["done"] == 0)
+            done = self.store.target_arrays(exp_name, model_id, m, k)["done"]
+            missing = np.flatnonzero(done == 0)
             if missing.size:
                 message = (f"experiment {exp_name!r}, model_id={model_id} is missing {missing.size} "
                            f"of {m} targets (e.g. {missing[:8].tolist()}); score them first")
@@ -495,11 +579,12 @@ class TRAKer:
         scores = np.zeros((n, m), np.float32)
         out_to_loss = np.zeros(n, np.float64)
         for model_id in used:
-            targets = np.asarray(self.store.target_arrays(exp_name, model_id, m, k)["grads"])
+            targets = np.asarray(self.store.target_arrays(exp_name, model_id, m, k,
+                                                          mode="r")["grads"])
             features = self.store.features(model_id, n, k)
             for start in range(0, n, self.chunk_rows):
                 scores[start:start + self.chunk_rows] += features[start:start + self.chunk_rows] @ targets.T
-            out_to_loss += self.store.model_arrays(model_id, n, k)["out_to_loss"]
+            out_to_loss += self.store.out_to_loss(model_id, n)
         scores *= (out_to_loss / len(used) ** 2).astype(np.float32)[:, None]
-        self.store.save_scores(exp_name, scores)
+        self.store.save_scores(exp_name, scores, used)
         return scores
