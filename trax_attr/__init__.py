@@ -25,9 +25,15 @@ from .projection import projection_key
 from .projection import rademacher
 from .scoring import score_block
 from .scoring import trak_scores
+from .tasks import CLIP
 from .tasks import TASKS
+from .tasks import BinaryClassification
+from .tasks import CausalLM
+from .tasks import CLIPBank
 from .tasks import ImageClassification
 from .tasks import ModelOutput
+from .tasks import TextClassification
+from .tasks import clip_embedding_bank
 from .tasks import get_task
 from .tasks import out_to_loss_from_loss
 from .traker import TRAKer
@@ -35,6 +41,10 @@ from .traker import TRAKer
 __version__ = "0.1.0"
 
 __all__ = [
+    "BinaryClassification",
+    "CLIP",
+    "CLIPBank",
+    "CausalLM",
     "IllConditionedWarning",
     "ImageClassification",
     "Model",
@@ -42,8 +52,10 @@ __all__ = [
     "Projector",
     "TASKS",
     "TRAKer",
+    "TextClassification",
     "as_model",
     "callable_model",
+    "clip_embedding_bank",
     "featurize",
     "get_task",
     "identity",
