@@ -5,6 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import trax_attr
 from trax_attr.tasks import classification_margin, one_minus_p
@@ -49,6 +52,24 @@ def test_margin_finite_on_extreme_logits(logits, label, expected):
     np.testing.assert_allclose(margin, expected, rtol=1e-6)
     q = one_minus_p(logits[None], jnp.asarray([label]))
     assert np.isfinite(q).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(hnp.arrays(np.float32, st.integers(2, 12),
+                  elements=st.floats(-1e4, 1e4, width=32)), st.data())
+def test_margin_and_q_against_float64_for_any_logits(logits, data):
+    label = data.draw(st.integers(0, len(logits) - 1))
+    g = logits.astype(np.float64)
+    others = np.delete(g, label)
+    expected_margin = g[label] - (others.max() + np.log(np.exp(others - others.max()).sum()))
+    expected_q = np.exp(-np.logaddexp(0.0, expected_margin))      # 1 - sigmoid(margin)
+    margin = classification_margin(jnp.asarray(logits), label)
+    q = one_minus_p(jnp.asarray(logits)[None], jnp.asarray([label]))[0]
+    assert np.isfinite(margin) and np.isfinite(q)
+    # float32 resolves a log-sum-exp of logits of size |g| to about eps32 * |g|
+    log_error = 1e-6 + 4 * np.finfo(np.float32).eps * np.abs(g).max()
+    np.testing.assert_allclose(margin, expected_margin, rtol=1e-6, atol=log_error)
+    np.testing.assert_allclose(q, expected_q, rtol=2 * log_error, atol=1e-37)
 
 
 def test_one_minus_p_keeps_tiny_weights_of_confident_examples():
