@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 import trax_attr
 import task_models as tm
@@ -120,13 +119,13 @@ def make_cases(digits):
         ((x[:B], binary_y[:B]), (x[B:2 * B], binary_y[B:2 * B])), scale_logits, lambda o: o,
         binary_view, True, 1)
 
-    apply_fn, params = nnx_apply(tm.EncoderClassifier(rngs=nnx.Rngs(0)))
+    apply_fn, params = nnx_apply(tm.build(tm.EncoderClassifier))
     cases["text_classification"] = Case(
         trax_attr.TextClassification(), apply_fn, params,
         (tm.text_batch(1, B), tm.text_batch(2, B)), scale_logits, lambda o: o,
         classification_view, True, 3)
 
-    apply_fn, params = nnx_apply(tm.Decoder(rngs=nnx.Rngs(0)))
+    apply_fn, params = nnx_apply(tm.build(tm.Decoder))
     cases["causal_lm"] = Case(
         trax_attr.CausalLM(), apply_fn, params,
         (tm.lm_batch(1, B, with_loss_mask=True), tm.lm_batch(2, B, with_loss_mask=True)),

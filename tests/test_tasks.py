@@ -203,9 +203,7 @@ def test_target_weights_follow_masks():
 
 
 def test_causal_lm_ignores_padding_tokens():
-    from flax import nnx
-
-    model = trax_attr.nnx_model(tm.Decoder(rngs=nnx.Rngs(0)))
+    model = trax_attr.nnx_model(tm.build(tm.Decoder))
     params, state = model.split(None)
     apply_fn = lambda p, *x: model.apply(p, state, *x)
     ids, mask = (jnp.asarray(a) for a in tm.lm_batch(3, 2))

@@ -113,8 +113,9 @@ def torch_features(twin, output, batch):
 
 
 def numpy_scores(phi, q, phi_targets, lambda_reg):
-    a = np.linalg.inv(phi.T @ phi + lambda_reg * np.eye(phi.shape[1]))
-    return (phi @ a @ phi_targets.T) * q[:, None]
+    """Φ(ΦᵀΦ + λI)⁻¹φᵀ in its kernel form (ΦΦᵀ + λI)⁻¹Φφᵀ: n x n, not d x d, in float64."""
+    kernel = phi @ phi.T + lambda_reg * np.eye(len(phi))
+    return np.linalg.solve(kernel, phi @ phi_targets.T) * q[:, None]
 
 
 def compare(module, twin, task, train, target, torch_output, torch_q):
@@ -122,7 +123,8 @@ def compare(module, twin, task, train, target, torch_output, torch_q):
     features = jax.jit(lambda batch: trax_attr.featurize(module, None, batch, task=task))
     phi, q = features(train)
     phi_t, _ = features(target)
-    lambda_reg = 0.1 * float(np.trace(np.asarray(phi, np.float64).T @ np.asarray(phi))) / phi.shape[1]
+    # n < d: XᵀX has rank n, so λ is set against its n nonzero eigenvalues (mean trace / n)
+    lambda_reg = 0.1 * float(np.sum(np.asarray(phi, np.float64) ** 2)) / len(phi)
     jax_scores = np.asarray(trax_attr.trak_scores(phi[None], q[None], phi_t[None], lambda_reg))
 
     to_torch = lambda batch: tuple(torch.from_numpy(np.asarray(a)) for a in batch)
@@ -132,15 +134,19 @@ def compare(module, twin, task, train, target, torch_output, torch_q):
     with torch.no_grad():
         t_q = torch_q(twin, t_train).double().numpy()
     np.testing.assert_allclose(q, t_q, rtol=1e-5, atol=1e-7)
+    # the features agree up to the order of coordinates, which their Gram matrices ignore
+    gram = np.asarray(phi, np.float64) @ np.asarray(phi_t, np.float64).T
+    np.testing.assert_allclose(gram, t_phi @ t_phi_targets.T, rtol=1e-4,
+                               atol=1e-5 * np.abs(gram).max())
     expected = numpy_scores(t_phi, t_q, t_phi_targets, lambda_reg)
     rel = np.abs(jax_scores - expected).max() / np.abs(expected).max()
-    print(f"{task}: max |jax - torch| / max |torch| = {rel:.2e}")
+    print(f"{task}: d = {phi.shape[1]}, max |jax - torch| / max |torch| = {rel:.2e}")
     assert rel <= 1e-4, rel
 
 
 def test_text_classification_scores_match_torch_twin():
-    module = tm.EncoderClassifier(rngs=nnx.Rngs(0))
-    twin = TEncoderClassifier()
+    module = tm.build(tm.EncoderClassifier, 0, vocab=20, dim=8)  # d = 915
+    twin = TEncoderClassifier(vocab=20, dim=8)
 
     def output(model, ids, types, mask, label):
         return torch_margin(model(ids[None], types[None], mask[None])[0], label)
@@ -150,13 +156,13 @@ def test_text_classification_scores_match_torch_twin():
         p = torch.softmax(model(ids, types, mask), -1)[torch.arange(len(labels)), labels]
         return 1 - p
 
-    compare(module, twin, "text_classification", tm.text_batch(1, 48), tm.text_batch(2, 6),
-            output, q)
+    compare(module, twin, "text_classification", tm.text_batch(1, 32, vocab=20),
+            tm.text_batch(2, 6, vocab=20), output, q)
 
 
 def test_causal_lm_scores_match_torch_twin():
-    module = tm.Decoder(rngs=nnx.Rngs(1))
-    twin = TDecoder()
+    module = tm.build(tm.Decoder, 1, vocab=13, dim=8)  # d = 933
+    twin = TDecoder(vocab=13, dim=8)
 
     def output(model, ids, mask, loss_mask):
         logits = model(ids[None], mask[None])[0, :-1]
@@ -171,5 +177,5 @@ def test_causal_lm_scores_match_torch_twin():
         w = (mask[:, :-1] * mask[:, 1:] * loss_mask[:, 1:]).to(p.dtype)
         return (w * (1 - p)).sum(-1) / w.sum(-1).clamp(min=1)
 
-    compare(module, twin, "causal_lm", tm.lm_batch(1, 48, with_loss_mask=True),
-            tm.lm_batch(2, 6, with_loss_mask=True), output, q)
+    compare(module, twin, "causal_lm", tm.lm_batch(1, 32, vocab=13, with_loss_mask=True),
+            tm.lm_batch(2, 6, vocab=13, with_loss_mask=True), output, q)
