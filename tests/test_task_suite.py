@@ -175,6 +175,18 @@ def features_fn(case: Case, apply_fn=None):
     return features
 
 
+_JITTED = {}
+
+
+def jitted(case: Case):
+    """(jit(batched outputs), jit(Q)) of a case, compiled once for all the tests below."""
+    key = id(case)
+    if key not in _JITTED:
+        _JITTED[key] = (jax.jit(batched_output(case)), jax.jit(
+            lambda p, b: case.task.get_out_to_loss_grad(case.apply_fn, p, b)))
+    return _JITTED[key]
+
+
 def as_jnp(batch):
     return tuple(jnp.asarray(a) for a in batch)
 
@@ -224,7 +236,7 @@ def test_finite_on_extreme_logits(case):
 
 def test_vmap_equals_loop(case):
     batch = as_jnp(case.batches[0])
-    vmapped = jax.jit(batched_output(case))(case.params, batch)
+    vmapped = jitted(case)[0](case.params, batch)
     one = jax.jit(lambda p, ex: case.task.get_output(case.apply_fn, p, *ex))
     looped = [one(case.params, tuple(a[i] for a in batch)) for i in range(B)]
     np.testing.assert_allclose(vmapped, np.stack(looped), rtol=1e-5, atol=1e-5)
@@ -235,9 +247,9 @@ def test_jit_equals_eager(case):
     q_fn = lambda p, b: case.task.get_out_to_loss_grad(case.apply_fn, p, b)
     # op by op, outside jit (eager gradients would only be slower)
     eager = (batched_output(case)(case.params, batch), q_fn(case.params, batch))
-    jitted = (jax.jit(batched_output(case))(case.params, batch), jax.jit(q_fn)(case.params, batch))
-    np.testing.assert_allclose(jitted[0], eager[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(jitted[1], eager[1], rtol=1e-5, atol=1e-7)
+    compiled = (jitted(case)[0](case.params, batch), jitted(case)[1](case.params, batch))
+    np.testing.assert_allclose(compiled[0], eager[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-5, atol=1e-7)
 
 
 def test_out_to_loss_is_minus_dloss_doutput(case):
@@ -246,12 +258,11 @@ def test_out_to_loss_is_minus_dloss_doutput(case):
     # the loss written as a function of f is the training loss
     np.testing.assert_allclose(jax.vmap(loss_of_output)(f, *aux), direct, rtol=1e-5, atol=1e-6)
     expected = -jax.vmap(jax.grad(loss_of_output))(f, *aux)
-    q = jax.jit(lambda p, b: case.task.get_out_to_loss_grad(case.apply_fn, p, b))(
-        case.params, batch)
+    q = jitted(case)[1](case.params, batch)
     assert np.all(np.asarray(q) > 0)
     np.testing.assert_allclose(q, expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(
         trax_attr.out_to_loss_from_loss(loss_of_output, f, *aux), expected, rtol=1e-6)
     if case.output_is_f:
-        np.testing.assert_allclose(jax.jit(batched_output(case))(case.params, batch), f,
+        np.testing.assert_allclose(jitted(case)[0](case.params, batch), f,
                                    rtol=1e-5, atol=1e-5)
