@@ -1,6 +1,6 @@
 """TRAK for binary classification with ONE logit: digits 3 vs 8, a logistic regression.
 
-Run: python examples/task_binary_classification.py   (about 10 s on 2 cores)
+Run: python examples/task_binary_classification.py   (under 10 s on 2 cores)
 
 f = the signed logit, Q = 1 - sigmoid(f) (trax_attr.BinaryClassification). Prints for how many
 targets the training examples of the same class score higher on average than the others.

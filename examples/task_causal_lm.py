@@ -1,6 +1,6 @@
 """TRAK for a causal language model: a tiny Flax decoder on two generated "languages".
 
-Run: python examples/task_causal_lm.py   (about 20 s on 2 cores)
+Run: python examples/task_causal_lm.py   (under 10 s on 2 cores)
 
 Half the sequences count up by 1 (mod V), half by 3. A sequence's output is the sum of its
 next-token margins (trax_attr.CausalLM); the first two tokens are a prompt, excluded from

@@ -1,6 +1,6 @@
 """TRAK for CLIP: a two-tower model on generated image-caption pairs.
 
-Run: python examples/task_clip.py   (about 15 s on 2 cores)
+Run: python examples/task_clip.py   (under 10 s on 2 cores)
 
 Each pair has a hidden concept (5 of them): the "image" is the concept's prototype plus
 noise, the "caption" holds the concept's word among random words. The model output

@@ -1,6 +1,6 @@
 """TRAK for image classification: a small MLP on scikit-learn's digits (no download).
 
-Run: python examples/task_image_classification.py   (about 15 s on 2 cores)
+Run: python examples/task_image_classification.py   (under 10 s on 2 cores)
 
 Prints for how many test digits the training digits of the same class score higher on
 average than the others: sensible attributions give close to 100%.

@@ -1,6 +1,6 @@
 """TRAK for text classification: a tiny Flax nnx text classifier on generated sentences.
 
-Run: python examples/task_text_classification.py   (about 20 s on 2 cores)
+Run: python examples/task_text_classification.py   (under 10 s on 2 cores)
 
 Sentences are random tokens; the label is which of three "topic" token ranges the
 sentence draws most of its tokens from. Examples are (input_ids, token_type_ids,
