@@ -29,9 +29,15 @@ from .scoring import score_block
 from .store import StoreBusyError
 from .store import StoreWriteError
 from .scoring import trak_scores
+from .tasks import CLIP
 from .tasks import TASKS
+from .tasks import BinaryClassification
+from .tasks import CausalLM
+from .tasks import CLIPBank
 from .tasks import ImageClassification
 from .tasks import ModelOutput
+from .tasks import TextClassification
+from .tasks import clip_embedding_bank
 from .tasks import get_task
 from .tasks import out_to_loss_from_loss
 from .traker import TRAKer
@@ -39,6 +45,10 @@ from .traker import TRAKer
 __version__ = "0.1.0"
 
 __all__ = [
+    "BinaryClassification",
+    "CLIP",
+    "CLIPBank",
+    "CausalLM",
     "IllConditionedWarning",
     "ImageClassification",
     "Model",
@@ -50,8 +60,10 @@ __all__ = [
     "StoreWriteError",
     "TASKS",
     "TRAKer",
+    "TextClassification",
     "as_model",
     "callable_model",
+    "clip_embedding_bank",
     "featurize",
     "get_task",
     "identity",
