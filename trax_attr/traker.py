@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .features import Featurizer, featurize_fn, inverse_gram
+from .features import Featurizer, featurize_fn, host_featurize_fn, inverse_gram
 from .gradients import GradWrt, Selection, select
 from .models import Model, as_model
 from .projection import Projector, get_projector, projection_cache, projection_key
@@ -83,7 +83,9 @@ class TRAKer:
 
     Args:
       model: a ``flax.nnx.Module``, a ``flax.linen.Module``, a function
-        ``apply_fn(params, *inputs)``, or a :class:`trax_attr.Model`.
+        ``apply_fn(params, *inputs)``, a ``torch.nn.Module`` (needs the ``interop``
+        extra; checkpoints are state_dicts or paths to them), or a
+        :class:`trax_attr.Model`.
       task: a task name (``"image_classification"``), or a :class:`ModelOutput`.
       train_set_size: n, the number of training examples.
       save_dir: folder of the store; an existing store is resumed if its settings match.
@@ -97,6 +99,8 @@ class TRAKer:
       traker_inverse_rescale: divide each (XᵀX + λI)⁻¹ by its mean absolute entry, as
         traker 0.3.2 does (for score parity with it; off by default).
       chunk_rows: rows of the store read at once by finalize steps; bounds memory.
+      backend: torch modules only: ``"converted"`` (default; the module as a JAX
+        function) or ``"torch"`` (per-example gradients in torch with torch.func).
     """
 
     def __init__(self, model, task: str | ModelOutput = "image_classification",
@@ -104,7 +108,7 @@ class TRAKer:
                  proj_dim: int = 2048, projector: str | Projector = "rademacher", seed: int = 0,
                  lambda_reg: float = 0.0, grad_wrt: GradWrt = None, proj_dtype=jnp.bfloat16,
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
-                 chunk_rows: int = 16384):
+                 chunk_rows: int = 16384, backend: str | None = None):
         if (isinstance(train_set_size, bool) or not isinstance(train_set_size, (int, np.integer))
                 or train_set_size < 1):
             raise ValueError(
@@ -118,7 +122,7 @@ class TRAKer:
             raise ValueError(f"xtx_dtype must be np.float32 or np.float64, got {xtx_dtype!r}.")
         if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}.")
-        self.model: Model = as_model(model)
+        self.model: Model = as_model(model, backend=backend)
         self.task: ModelOutput = get_task(task)
         self.projector: Projector = get_projector(projector, proj_dim, proj_dtype)
         self.train_set_size = int(train_set_size)
@@ -165,8 +169,12 @@ class TRAKer:
         if self._selection is None:
             self._selection = select(params, self.grad_wrt)
             f = Featurizer(self.task, self.model, self._selection, self.projector)
-            self._featurize = jax.jit(featurize_fn(f))
-            self._featurize_targets = jax.jit(featurize_fn(f, with_out_to_loss=False))
+            if self.model.host_grads is None:
+                self._featurize = jax.jit(featurize_fn(f))
+                self._featurize_targets = jax.jit(featurize_fn(f, with_out_to_loss=False))
+            else:
+                self._featurize = host_featurize_fn(f)
+                self._featurize_targets = host_featurize_fn(f, with_out_to_loss=False)
             self.store.check_config({"grad_dim": self._selection.grad_dim,
                                      "parameters": list(self._selection.paths)})
         else:
