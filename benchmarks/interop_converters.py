@@ -1,9 +1,10 @@
-"""Measure the torch->JAX converters (torchax, torch2jax) for interop's converted route.
+"""Measure the torch->JAX converters (torchax, torch2jax, interop's own) for route 1.
 
 For each converter: does it import cleanly with the pinned torch, which of interop's op
 list it converts with the same outputs as torch (float32, rtol 1e-4), and the speed of
 jit(vmap(grad(margin))) on a small CNN. Prints one JSON object; run:
 
+    pip install torchax==0.0.13 torch2jax==0.1.0   # the `converters` extra
     PYTHONPATH=. python benchmarks/interop_converters.py
 """
 
@@ -65,9 +66,9 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.relu(self.bn1(self.conv1(x)))  # torch2jax lacks torch.relu
         x = nn.functional.max_pool2d(x, 2)
-        x = torch.relu(self.conv2(x))
+        x = nn.functional.relu(self.conv2(x))
         return self.fc(self.pool(x).flatten(1))
 
 
@@ -86,6 +87,17 @@ def via_torch2jax(module):
     return params, lambda p, x: fn(x, state_dict=p)
 
 
+def via_interop(module):
+    import interop
+
+    apply = interop.convert(module)
+    state = module.state_dict()
+    params = {n: jnp.asarray(state[n].numpy()) for n, _ in module.named_parameters()}
+    buffers = {n: jnp.asarray(b.numpy()) for n, b in module.named_buffers()
+               if b.is_floating_point()}
+    return params, lambda p, x: apply(p, buffers, x)
+
+
 def to_jax(x):
     return jnp.asarray(x.numpy())
 
@@ -101,7 +113,8 @@ def measure(name, convert):
             out["import"] = f"fails: {type(err).__name__}: {err}"
             return out
     out["import_s"] = round(time.perf_counter() - t0, 2)
-    out["import_warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:80]}" for w in caught})
+    out["import_warnings"] = sorted({f"{w.category.__name__}: {str(w.message)[:80]}"
+                                     for w in caught})
     ops = {}
     for op, (module, x) in op_cases().items():
         module.eval()
@@ -113,11 +126,18 @@ def measure(name, convert):
             err = float(np.max(np.abs(got - want)) / (np.max(np.abs(want)) + 1e-12))
             ops[op] = "ok" if err < 1e-4 else f"wrong (max rel err {err:.1e})"
         except Exception as err:  # noqa: BLE001
-            ops[op] = f"fails: {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}"
+            first = str(err).splitlines()[0][:100] if str(err) else ""
+            ops[op] = f"fails: {type(err).__name__}: {first}"
     out["ops"] = ops
     try:
         module = SmallCNN().eval()
         params, fn = convert(module)
+        # differentiate the float leaves only (torch2jax also hands over BatchNorm's
+        # integer num_batches_tracked)
+        fixed = {k: v for k, v in params.items() if not jnp.issubdtype(v.dtype, jnp.floating)}
+        params = {k: v for k, v in params.items() if k not in fixed}
+        inner = fn
+        fn = lambda p, xi: inner({**p, **fixed}, xi)  # noqa: E731
         x = jnp.asarray(np.random.default_rng(0).normal(size=(256, 1, 8, 8)).astype(np.float32))
         y = jnp.asarray(np.random.default_rng(1).integers(0, 10, 256))
 
@@ -141,7 +161,8 @@ def measure(name, convert):
 
 
 def main():
-    results = [measure("torchax", via_torchax), measure("torch2jax", via_torch2jax)]
+    results = [measure("torchax", via_torchax), measure("torch2jax", via_torch2jax),
+               measure("interop", via_interop)]
     json.dump({"torch": torch.__version__, "jax": jax.__version__, "results": results},
               sys.stdout, indent=1)
     print()

@@ -1,4 +1,4 @@
-"""torch modules as trax_attr Models: converted to JAX (route 1) or differentiated in torch (route 2).
+"""torch modules as trax_attr Models: converted to JAX (route 1) or run in torch (route 2).
 
 Both routes split a checkpoint the same way: ``params`` is a dict of jax arrays named as in
 ``module.state_dict()`` (the module's parameters), ``state`` the floating-point buffers

@@ -254,7 +254,7 @@ def flax_to_torch(source, module: nn.Module, *, names: Mapping[str, str] | None 
                 f"Flax {_flax_path(pair, linen)} becomes {value.shape} in torch layout, but "
                 f"torch {pair.torch_name} is {want}; the twins' layer sizes differ."
             )
-        out[pair.torch_name] = value if as_numpy else torch.from_numpy(np.ascontiguousarray(value))
+        out[pair.torch_name] = value if as_numpy else torch.from_numpy(np.array(value))
     if as_numpy:
         out = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
                for k, v in out.items()}
