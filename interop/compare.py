@@ -33,17 +33,18 @@ class Comparison:
     k: int
 
     def __str__(self) -> str:
-        rows = [("Pearson", self.pearson), ("Spearman", self.spearman),
-                (f"top-{self.k} proponents overlap", self.top_proponents),
-                (f"top-{self.k} opponents overlap", self.top_opponents),
-                ("sign agreement", self.sign_agreement),
-                ("max relative difference", self.max_rel_diff)]
-        width = max(len(name) for name, _ in rows)
+        # correlations with 8 digits: agreement is often in their 5th to 7th digit
+        rows = [("Pearson", self.pearson, ".8f"), ("Spearman", self.spearman, ".8f"),
+                (f"top-{self.k} proponents overlap", self.top_proponents, ".3f"),
+                (f"top-{self.k} opponents overlap", self.top_opponents, ".3f"),
+                ("sign agreement", self.sign_agreement, ".4f"),
+                ("max relative difference", self.max_rel_diff, ".2e")]
+        width = max(len(name) for name, _, _ in rows)
         lines = [f"{'over ' + str(len(self.pearson)) + ' targets':<{width}}  "
-                 f"{'min':>10} {'median':>10} {'max':>10}"]
-        for name, values in rows:
-            lines.append(f"{name:<{width}}  {values.min():>10.6g} {np.median(values):>10.6g} "
-                         f"{values.max():>10.6g}")
+                 f"{'min':>12} {'median':>12} {'max':>12}"]
+        for name, values, spec in rows:
+            lines.append(f"{name:<{width}}  {values.min():>12{spec}} "
+                         f"{np.median(values):>12{spec}} {values.max():>12{spec}}")
         return "\n".join(lines)
 
 

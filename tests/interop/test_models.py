@@ -9,7 +9,8 @@ from torch import nn  # noqa: E402
 
 import interop  # noqa: E402
 import trax_attr  # noqa: E402
-from conftest import TorchCNN  # noqa: E402
+from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
+    TorchCNN, digits_images, torch_cnn)
 
 
 def test_checkpoints_as_state_dict_path_or_module(torch_cnn, tmp_path):

@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch", reason="interop tests need torch (the inter
 from torch import nn  # noqa: E402
 
 import interop  # noqa: E402
-from conftest import TorchCNN, linen_cnn, nnx_cnn  # noqa: E402
+from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
+    TorchCNN, digits_images, linen_cnn, nnx_cnn, torch_cnn)
 
 
 def torch_logits(module, x):

@@ -2,7 +2,13 @@
 
 The twins take the same NCHW input (the Flax ones transpose to NHWC inside) and pool
 globally before the head, so their weights map one to one (see interop.weights).
+
+Not a conftest.py: tests/test_closed_form.py imports names from tests/conftest.py as
+module ``conftest``, which a second conftest.py here would shadow. Test modules import
+the fixtures below by name; the trained model is cached so it is trained once per run.
 """
+
+import functools
 
 import numpy as np
 import pytest
@@ -90,9 +96,19 @@ def digits_images(digits):
                                         y[N_TRAIN:N_TRAIN + N_TARGETS])
 
 
-@pytest.fixture(scope="session")
-def torch_cnn(digits_images):
+@functools.cache
+def trained_cnn() -> "TorchCNN":
     """A TorchCNN trained for 100 steps on the 300 training digits, in eval mode."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.data[:N_TRAIN] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
     torch.manual_seed(0)
-    (x, y), _ = digits_images
-    return train_torch(TorchCNN(), x, y, steps=100, lr=0.1)
+    return train_torch(TorchCNN(), x, data.target[:N_TRAIN].astype(np.int32), steps=100,
+                       lr=0.1)
+
+
+@pytest.fixture(scope="session")
+def torch_cnn():
+    """The trained CNN (shared by all tests: tests must not change it, or restore it)."""
+    return trained_cnn()
