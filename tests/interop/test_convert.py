@@ -142,3 +142,18 @@ def test_batch_norm_without_running_stats_is_refused():
     with pytest.raises(interop.UnsupportedOpError, match="track_running_stats"):
         apply = interop.convert(nn.BatchNorm1d(3, track_running_stats=False).eval())
         apply({}, {}, jnp.ones((2, 3)))
+
+
+def test_converted_function_is_traced_once_per_shape():
+    import chex
+
+    module = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(72, 3)).eval()
+    apply = interop.convert(module)
+    state = module.state_dict()
+    params = {n: jnp.asarray(state[n].numpy()) for n, _ in module.named_parameters()}
+    buffers = {n: jnp.asarray(state[n].numpy()) for n in ("1.running_mean", "1.running_var")}
+    fn = jax.jit(chex.assert_max_traces(apply, n=1))
+    x = jnp.ones((4, 1, 8, 8))
+    fn(params, buffers, x)
+    fn(jax.tree.map(lambda a: a + 1, params), buffers, x + 1)  # new values, same shapes

@@ -118,3 +118,16 @@ def test_unconvertible_module_points_to_torch_backend(tmp_path):
 
     with pytest.raises(interop.UnsupportedOpError, match='GRU.*backend="torch"'):
         trax_attr.TRAKer(model=Recurrent(), train_set_size=4, save_dir=tmp_path)
+
+
+def test_dlpack_hand_over_shares_memory():
+    """The torch route's hand-over is zero-copy on CPU in both directions (the params it
+    reads, the gradients it returns)."""
+    import jax
+    import jax.numpy as jnp
+
+    array = jnp.arange(64 * 33, dtype=jnp.float32).reshape(64, 33)
+    tensor = interop.models._to_torch(array, torch.device("cpu"))
+    assert tensor.data_ptr() == array.unsafe_buffer_pointer()
+    grads = torch.randn(64, 300)
+    assert jax.dlpack.from_dlpack(grads).unsafe_buffer_pointer() == grads.data_ptr()
