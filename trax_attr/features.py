@@ -73,8 +73,8 @@ def host_featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
 
     Same signature and results, but not jittable as a whole: the gradients come from
     ``f.model.host_grads`` on the host; only the projection is jitted (one compilation
-    per batch shape). DLPack-exporting gradients (torch tensors) are taken without a copy
-    where the layout allows.
+    per batch shape). Gradients handed over as jax arrays made with
+    ``jax.dlpack.from_dlpack`` (interop's torch route) reach the projection without a copy.
     """
     project_jit = jax.jit(project, static_argnums=0)
 

@@ -40,8 +40,8 @@ class Model(NamedTuple):
         with_out_to_loss) -> (grads, q)`` for models differentiated outside JAX: ``paths``
         are the names of the selected params leaves (``Selection.paths``), ``grads`` one
         ``(B, size)`` array per path in that order, ``q`` the ``(B,)`` out-to-loss terms
-        (``None`` when ``with_out_to_loss`` is false). Arrays may be any DLPack-exporting
-        type; it is called outside ``jit``. ``None`` (the default): jitted JAX gradients
+        (``None`` when ``with_out_to_loss`` is false), as jax or numpy arrays (from torch:
+        ``jax.dlpack.from_dlpack``, no copy); it is called outside ``jit``. ``None`` (the default): jitted JAX gradients
         of ``apply``.
     """
 
