@@ -41,8 +41,8 @@ class Model(NamedTuple):
         are the names of the selected params leaves (``Selection.paths``), ``grads`` one
         ``(B, size)`` array per path in that order, ``q`` the ``(B,)`` out-to-loss terms
         (``None`` when ``with_out_to_loss`` is false), as jax or numpy arrays (from torch:
-        ``jax.dlpack.from_dlpack``, no copy); it is called outside ``jit``. ``None`` (the default): jitted JAX gradients
-        of ``apply``.
+        ``jax.dlpack.from_dlpack``, no copy); it is called outside ``jit``. ``None`` (the
+        default): jitted JAX gradients of ``apply``.
     """
 
     apply: Callable[..., Any]
