@@ -414,6 +414,15 @@ def convert(module: nn.Module) -> Callable[..., Any]:
     Raises:
       UnsupportedOpError: an op outside the converted list, named, before any computation.
     """
+    # Tied weights appear under one name in named_parameters() (the params dict) but are
+    # read under each owner's name.
+    canonical: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in [*module.named_parameters(remove_duplicate=False),
+                         *module.named_buffers(remove_duplicate=False)]:
+        first = canonical.setdefault(id(tensor), name)
+        if first != name:
+            aliases[name] = first
     if type(module) in SUPPORTED_MODULES:  # a single layer: fx would trace its insides
         handler = SUPPORTED_MODULES[type(module)]
         return lambda params, buffers, *inputs: handler(module, "", {**buffers, **params},
@@ -439,6 +448,8 @@ def convert(module: nn.Module) -> Callable[..., Any]:
 
     def apply(params, buffers, *inputs):
         values = {**buffers, **params}
+        values.update({alias: values[first] for alias, first in aliases.items()
+                       if first in values})
         env: dict[str, Any] = {}
         args_iter = iter(inputs)
 

@@ -157,3 +157,35 @@ def test_converted_function_is_traced_once_per_shape():
     x = jnp.ones((4, 1, 8, 8))
     fn(params, buffers, x)
     fn(jax.tree.map(lambda a: a + 1, params), buffers, x + 1)  # new values, same shapes
+
+
+class Tied(nn.Module):
+    """Embedding and output head share one weight (a tied language-model head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(12, 6)
+        self.head = nn.Linear(6, 12, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.head(self.embed(tokens).mean(1))
+
+
+def test_tied_weights_through_torch_model_both_routes():
+    import trax_attr
+
+    module = Tied().eval()
+    tokens = torch.randint(0, 12, (5, 4))
+    labels = torch.randint(0, 12, (5,))
+    batch = (tokens.numpy(), labels.numpy().astype(np.int32))
+    features = {}
+    for backend in ("converted", "torch"):
+        model = trax_attr.as_model(module, backend=backend)
+        params, _ = model.split(None)
+        assert sorted(params) == ["embed.weight"]
+        features[backend] = trax_attr.featurize(model, None, batch)
+    np.testing.assert_allclose(np.asarray(features["converted"][0]),
+                               np.asarray(features["torch"][0]), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(features["converted"][1]),
+                               np.asarray(features["torch"][1]), rtol=1e-5)
