@@ -25,8 +25,8 @@ from .models import Model, as_model
 from .projection import Projector, identity, project, projection_key
 from .tasks import ModelOutput, get_task
 
-__all__ = ["Featurizer", "featurize_fn", "featurize", "xtx", "solve", "inverse_gram",
-           "IllConditionedWarning"]
+__all__ = ["Featurizer", "featurize_fn", "host_featurize_fn", "featurize", "xtx", "solve",
+           "inverse_gram", "IllConditionedWarning"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +68,44 @@ def featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
     return fn
 
 
+def host_featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
+    """:func:`featurize_fn` for a model with ``host_grads`` (gradients outside JAX).
+
+    Same signature and results, but not jittable as a whole: the gradients come from
+    ``f.model.host_grads`` on the host; only the projection is jitted (one compilation
+    per batch shape). Gradients handed over as jax arrays made with
+    ``jax.dlpack.from_dlpack`` (interop's torch route) reach the projection without a copy.
+    """
+    project_jit = jax.jit(project, static_argnums=0)
+
+    def fn(selected, rest, state, key, cache, batch):
+        params = f.selection.merge(selected, rest)
+        grads, q = f.model.host_grads(f.task, params, state, batch, f.selection.paths,
+                                      with_out_to_loss)
+        if len(grads) != len(f.selection.paths):
+            raise ValueError(
+                f"{f.model.name}.host_grads returned {len(grads)} gradient arrays for "
+                f"{len(f.selection.paths)} selected parameters; it must return one (B, size) "
+                "array per path, in the order of the paths it was given."
+            )
+        phi = project_jit(f.projector, key, tuple(jnp.asarray(g) for g in grads), cache)
+        if not with_out_to_loss:
+            return phi, None
+        return phi, jnp.asarray(q).reshape(-1).astype(jnp.float32)
+
+    return fn
+
+
 def featurize(model, checkpoint, batch: tuple, *, task="image_classification",
               projector: Projector | None = None, seed: int = 0, model_id=0,
               grad_wrt: GradWrt = None) -> tuple[jax.Array, jax.Array]:
     """Features of one batch with one checkpoint, as a pure function (jit it freely).
 
+    A torch model with ``backend="torch"`` (``model.host_grads`` set) computes its
+    gradients outside JAX: call it outside ``jit`` then.
+
     Args:
-      model: anything ``TRAKer(model=...)`` accepts.
+      model: anything ``TRAKer(model=...)`` accepts, or a :class:`Model`.
       checkpoint: its weights, as for ``TRAKer.load_checkpoint``.
       batch: tuple of arrays with a leading batch axis B.
       task, projector, seed, grad_wrt: as for ``TRAKer`` (projector defaults to identity).
@@ -89,7 +120,8 @@ def featurize(model, checkpoint, batch: tuple, *, task="image_classification",
     selected, rest = selection.split(params)
     f = Featurizer(get_task(task), model, selection, projector or identity())
     key = projection_key(seed, model_id)
-    return featurize_fn(f)(selected, rest, state, key, None, tuple(batch))
+    build = featurize_fn if model.host_grads is None else host_featurize_fn
+    return build(f)(selected, rest, state, key, None, tuple(batch))
 
 
 def xtx(features: jax.Array, dtype=jnp.float32) -> jax.Array:

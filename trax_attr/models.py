@@ -10,7 +10,13 @@ knows how to split one of its checkpoints into that pair.
   structure, ``nnx.State`` of their parameters or of all variables, or ``None`` (the
   module's own weights);
 * a ``flax.linen.Module``: checkpoints are variables dicts ``{'params': ..., 'batch_stats':
-  ...}``; pass call options such as ``train=False`` with :func:`linen_model`.
+  ...}``; pass call options such as ``train=False`` with :func:`linen_model`;
+* a ``torch.nn.Module``: handed to the ``interop`` package (recognised without importing
+  torch, so that ``import trax_attr`` never loads it).
+
+A model whose per-example gradients are computed outside JAX (torch) sets
+``Model.host_grads``; TRAKer then calls it on the host instead of jitting ``apply``, and
+projects its output with :func:`trax_attr.project` as usual.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-__all__ = ["Model", "as_model", "callable_model", "nnx_model", "linen_model"]
+__all__ = ["Model", "as_model", "callable_model", "nnx_model", "linen_model", "is_torch_module"]
 
 
 class Model(NamedTuple):
@@ -30,11 +36,19 @@ class Model(NamedTuple):
       apply: ``apply(params, state, *inputs) -> outputs``, inputs with a batch axis.
       split: ``split(checkpoint) -> (params, state)``.
       name: what the model is, for messages.
+      host_grads: optional ``host_grads(task, params, state, batch, paths,
+        with_out_to_loss) -> (grads, q)`` for models differentiated outside JAX: ``paths``
+        are the names of the selected params leaves (``Selection.paths``), ``grads`` one
+        ``(B, size)`` array per path in that order, ``q`` the ``(B,)`` out-to-loss terms
+        (``None`` when ``with_out_to_loss`` is false), as jax or numpy arrays (from torch:
+        ``jax.dlpack.from_dlpack``, no copy); it is called outside ``jit``. ``None`` (the
+        default): jitted JAX gradients of ``apply``.
     """
 
     apply: Callable[..., Any]
     split: Callable[[Any], tuple[Any, Any]]
     name: str
+    host_grads: Callable[..., tuple[Any, Any]] | None = None
 
 
 def callable_model(apply_fn: Callable[..., Any]) -> Model:
@@ -107,8 +121,30 @@ def linen_model(module, **apply_kwargs) -> Model:
     return Model(apply, split, type(module).__name__)
 
 
-def as_model(model) -> Model:
-    """Resolve ``model=``: a Model, an nnx or linen Module, or ``apply_fn(params, *inputs)``."""
+def is_torch_module(model) -> bool:
+    """Whether ``model`` is a ``torch.nn.Module``, decided without importing torch."""
+    return any(cls.__name__ == "Module" and cls.__module__ == "torch.nn.modules.module"
+               for cls in type(model).__mro__)
+
+
+def as_model(model, backend: str | None = None) -> Model:
+    """Resolve ``model=``: a Model, an nnx or linen Module, a torch Module, or
+    ``apply_fn(params, *inputs)``.
+
+    Args:
+      model: the model.
+      backend: for torch modules only: ``"converted"`` (default, the module converted to
+        a JAX function) or ``"torch"`` (gradients in torch); see ``interop.torch_model``.
+    """
+    if is_torch_module(model):
+        from interop import torch_model  # the optional torch bridge, imported on demand
+
+        return torch_model(model, backend="converted" if backend is None else backend)
+    if backend is not None:
+        raise ValueError(
+            f"backend={backend!r} applies to torch modules only; got a "
+            f"{type(model).__name__}. Leave backend=None for JAX and Flax models."
+        )
     if isinstance(model, Model):
         return model
     try:
@@ -123,6 +159,6 @@ def as_model(model) -> Model:
         return callable_model(model)
     raise TypeError(
         f"model must be a flax.nnx.Module, a flax.linen.Module or a function "
-        f"apply_fn(params, *inputs); got {type(model).__name__}. torch modules go through "
-        "the interop package."
+        f"apply_fn(params, *inputs), a torch.nn.Module or a trax_attr.Model; got "
+        f"{type(model).__name__}."
     )

@@ -37,7 +37,7 @@ import numpy as np
 
 from .checks import (NonFiniteError, NonFiniteWarning, check_labels, check_nonfinite_mode,
                      nonfinite_rows, num_classes)
-from .features import Featurizer, featurize_fn, inverse_gram
+from .features import Featurizer, featurize_fn, host_featurize_fn, inverse_gram
 from .gradients import GradWrt, Selection, select
 from .models import Model, as_model
 from .projection import Projector, get_projector, projection_cache, projection_key
@@ -95,7 +95,9 @@ class TRAKer:
 
     Args:
       model: a ``flax.nnx.Module``, a ``flax.linen.Module``, a function
-        ``apply_fn(params, *inputs)``, or a :class:`trax_attr.Model`.
+        ``apply_fn(params, *inputs)``, a ``torch.nn.Module`` (needs the ``interop``
+        extra; checkpoints are state_dicts or paths to them), or a
+        :class:`trax_attr.Model`.
       task: a task name (``"image_classification"``), or a :class:`ModelOutput`.
       train_set_size: n, the number of training examples.
       save_dir: folder of the store; an existing store is resumed if its settings match.
@@ -113,6 +115,8 @@ class TRAKer:
         Inf: ``"raise"`` (a :class:`NonFiniteError` naming them; nothing of the batch is
         written) or ``"zero"`` (store them as zero rows, which get score 0, with a
         :class:`NonFiniteWarning` giving how many; see :meth:`zeroed_rows`).
+      backend: torch modules only: ``"converted"`` (default; the module as a JAX
+        function) or ``"torch"`` (per-example gradients in torch with torch.func).
     """
 
     def __init__(self, model, task: str | ModelOutput = "image_classification",
@@ -120,7 +124,8 @@ class TRAKer:
                  proj_dim: int = 2048, projector: str | Projector = "rademacher", seed: int = 0,
                  lambda_reg: float = 0.0, grad_wrt: GradWrt = None, proj_dtype=jnp.bfloat16,
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
-                 chunk_rows: int = 16384, nonfinite: str = "raise"):
+                 chunk_rows: int = 16384, nonfinite: str = "raise",
+                 backend: str | None = None):
         if (isinstance(train_set_size, bool) or not isinstance(train_set_size, (int, np.integer))
                 or train_set_size < 1):
             raise ValueError(
@@ -135,7 +140,7 @@ class TRAKer:
             raise ValueError(f"xtx_dtype must be np.float32 or np.float64, got {xtx_dtype!r}.")
         if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}.")
-        self.model: Model = as_model(model)
+        self.model: Model = as_model(model, backend=backend)
         self.task: ModelOutput = get_task(task)
         self.projector: Projector = get_projector(projector, proj_dim, proj_dtype)
         self.train_set_size = int(train_set_size)
@@ -185,8 +190,12 @@ class TRAKer:
         if self._selection is None:
             self._selection = select(params, self.grad_wrt)
             f = Featurizer(self.task, self.model, self._selection, self.projector)
-            self._featurize = jax.jit(featurize_fn(f))
-            self._featurize_targets = jax.jit(featurize_fn(f, with_out_to_loss=False))
+            if self.model.host_grads is None:
+                self._featurize = jax.jit(featurize_fn(f))
+                self._featurize_targets = jax.jit(featurize_fn(f, with_out_to_loss=False))
+            else:
+                self._featurize = host_featurize_fn(f)
+                self._featurize_targets = host_featurize_fn(f, with_out_to_loss=False)
             self.store.check_config({
                 "grad_dim": self._selection.grad_dim,
                 "parameters": list(self._selection.paths),

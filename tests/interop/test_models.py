@@ -1,0 +1,133 @@
+"""torch checkpoints (state_dicts, paths), backend dispatch, and compare() against scipy."""
+
+import numpy as np
+import pytest
+import scipy.stats
+
+torch = pytest.importorskip("torch", reason="interop tests need torch (the interop extra)")
+from torch import nn  # noqa: E402
+
+import interop  # noqa: E402
+import trax_attr  # noqa: E402
+from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
+    TorchCNN, digits_images, torch_cnn)
+
+
+def test_checkpoints_as_state_dict_path_or_module(torch_cnn, tmp_path):
+    model = trax_attr.as_model(torch_cnn)
+    path = tmp_path / "cnn.pt"
+    torch.save(torch_cnn.state_dict(), path)
+    want, want_state = model.split(torch_cnn.state_dict())
+    for checkpoint in (str(path), path, torch_cnn, None):
+        params, state = model.split(checkpoint)
+        assert sorted(params) == sorted(n for n, _ in torch_cnn.named_parameters())
+        assert sorted(state) == ["bn1.running_mean", "bn1.running_var"]
+        for name in want:
+            np.testing.assert_array_equal(np.asarray(params[name]), np.asarray(want[name]))
+
+
+def test_checkpoint_mismatch_is_named(torch_cnn, tmp_path):
+    model = interop.torch_model(torch_cnn)
+    state = dict(torch_cnn.state_dict())
+    del state["fc.bias"]
+    with pytest.raises(ValueError, match=r"missing \['fc.bias'\]"):
+        model.split(state)
+    wrapped = {f"module.{k}": v for k, v in torch_cnn.state_dict().items()}
+    with pytest.raises(ValueError, match="DataParallel"):
+        model.split(wrapped)
+    wrong = dict(torch_cnn.state_dict(), **{"fc.weight": torch.zeros(3, 16)})
+    with pytest.raises(ValueError, match=r"fc.weight: \(3, 16\) vs \(10, 16\)"):
+        model.split(wrong)
+    path = tmp_path / "not_a_state_dict.pt"
+    torch.save([1, 2], path)
+    with pytest.raises(TypeError, match="not a state_dict"):
+        model.split(path)
+
+
+def test_backend_choice():
+    module = TorchCNN()
+    assert trax_attr.as_model(module).host_grads is None
+    assert trax_attr.as_model(module, backend="torch").host_grads is not None
+    with pytest.raises(ValueError, match="backend='jax' is not known"):
+        trax_attr.as_model(module, backend="jax")
+    with pytest.raises(ValueError, match="applies to torch modules only"):
+        trax_attr.as_model(lambda p, x: x, backend="torch")
+
+
+def test_torch_backend_grad_wrt_and_untouched_module(torch_cnn, digits_images):
+    """grad_wrt picks the same leaves by torch name in both routes; the user's module
+    stays in its own mode."""
+    (x, y), _ = digits_images
+    torch_cnn.train()
+    try:
+        features = {}
+        for backend in ("converted", "torch"):
+            model = interop.torch_model(torch_cnn, backend)
+            features[backend] = trax_attr.featurize(model, torch_cnn.state_dict(),
+                                                    (x[:16], y[:16]), grad_wrt="fc.*")
+        assert torch_cnn.training
+    finally:
+        torch_cnn.eval()
+    (phi_c, q_c), (phi_t, q_t) = features["converted"], features["torch"]
+    assert phi_c.shape == (16, 170)
+    np.testing.assert_allclose(np.asarray(phi_t), np.asarray(phi_c), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(q_t), np.asarray(q_c), rtol=1e-5, atol=1e-7)
+
+
+def test_torch_backend_refuses_tasks_without_torch_twin(torch_cnn, digits_images):
+    (x, y), _ = digits_images
+
+    class Custom(trax_attr.ModelOutput):
+        pass
+
+    model = interop.torch_model(torch_cnn, "torch")
+    with pytest.raises(ValueError, match="no torch implementation.*torch_task="):
+        trax_attr.featurize(model, None, (x[:4], y[:4]), task=Custom())
+
+
+def test_compare_against_scipy():
+    rng = np.random.default_rng(0)
+    b = rng.normal(size=(200, 5))
+    a = b + 0.3 * rng.normal(size=b.shape)
+    result = interop.compare(a, b, k=10)
+    for j in range(5):
+        assert result.pearson[j] == pytest.approx(scipy.stats.pearsonr(a[:, j], b[:, j])[0])
+        assert result.spearman[j] == pytest.approx(scipy.stats.spearmanr(a[:, j], b[:, j])[0])
+        top = len(set(np.argsort(-a[:, j])[:10]) & set(np.argsort(-b[:, j])[:10])) / 10
+        bottom = len(set(np.argsort(a[:, j])[:10]) & set(np.argsort(b[:, j])[:10])) / 10
+        assert result.top_proponents[j] == top and result.top_opponents[j] == bottom
+        assert result.sign_agreement[j] == np.mean(np.sign(a[:, j]) == np.sign(b[:, j]))
+        assert result.max_rel_diff[j] == pytest.approx(
+            np.abs(a[:, j] - b[:, j]).max() / np.abs(b[:, j]).max())
+    same = interop.compare(b, b)
+    assert np.allclose(same.pearson, 1) and same.max_rel_diff.max() == 0
+    text = str(result)
+    assert "Pearson" in text and "top-10 opponents overlap" in text and len(text.splitlines()) == 7
+    with pytest.raises(ValueError, match="one shape"):
+        interop.compare(a, b[:, :3])
+
+
+def test_unconvertible_module_points_to_torch_backend(tmp_path):
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(4, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0][:, -1]
+
+    with pytest.raises(interop.UnsupportedOpError, match='GRU.*backend="torch"'):
+        trax_attr.TRAKer(model=Recurrent(), train_set_size=4, save_dir=tmp_path)
+
+
+def test_dlpack_hand_over_shares_memory():
+    """The torch route's hand-over is zero-copy on CPU in both directions (the params it
+    reads, the gradients it returns)."""
+    import jax
+    import jax.numpy as jnp
+
+    array = jnp.arange(64 * 33, dtype=jnp.float32).reshape(64, 33)
+    tensor = interop.models._to_torch(array, torch.device("cpu"))
+    assert tensor.data_ptr() == array.unsafe_buffer_pointer()
+    grads = torch.randn(64, 300)
+    assert jax.dlpack.from_dlpack(grads).unsafe_buffer_pointer() == grads.data_ptr()
