@@ -65,8 +65,9 @@ def _load_scores(store, exp: str | None) -> np.ndarray:
     return store.load_scores(exp)
 
 
-def info(save_dir: str, out=sys.stdout) -> None:
+def info(save_dir: str, out=None) -> None:
     """Print what a store holds."""
+    out = out or sys.stdout
     store = _open_store(save_dir)
     n, k = _store_shape(store)
     config = dict(store.config)
@@ -102,8 +103,9 @@ def info(save_dir: str, out=sys.stdout) -> None:
               f"{final}", file=out)
 
 
-def top(save_dir: str, exp: str, target: int, k: int, out=sys.stdout) -> None:
+def top(save_dir: str, exp: str, target: int, k: int, out=None) -> None:
     """Print the strongest proponents and opponents of one target."""
+    out = out or sys.stdout
     store = _open_store(save_dir)
     scores = _load_scores(store, exp)
     n, m = scores.shape
@@ -142,8 +144,9 @@ def _scores_from(path: str, exp: str | None) -> np.ndarray:
 
 
 def compare(a: str, b: str, exp: str | None, exp_b: str | None, k: int,
-            out=sys.stdout) -> None:
+            out=None) -> None:
     """Print the agreement table of two score matrices (B is the reference)."""
+    out = out or sys.stdout
     from .evaluation import compare_scores
 
     first = _scores_from(a, exp)
@@ -244,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     except CLIError as err:
         print(f"trax-attr: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
+        sys.stderr.close()
+        return 0
     return 0
 
 
