@@ -117,6 +117,8 @@ class TRAKer:
         :class:`NonFiniteWarning` giving how many; see :meth:`zeroed_rows`).
       backend: torch modules only: ``"converted"`` (default; the module as a JAX
         function) or ``"torch"`` (per-example gradients in torch with torch.func).
+      progress: show a tqdm progress bar (rows and rows/s) per checkpoint while
+        featurizing and scoring; off by default.
     """
 
     def __init__(self, model, task: str | ModelOutput = "image_classification",
@@ -125,7 +127,7 @@ class TRAKer:
                  lambda_reg: float = 0.0, grad_wrt: GradWrt = None, proj_dtype=jnp.bfloat16,
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
                  chunk_rows: int = 16384, nonfinite: str = "raise",
-                 backend: str | None = None):
+                 backend: str | None = None, progress: bool = False):
         if (isinstance(train_set_size, bool) or not isinstance(train_set_size, (int, np.integer))
                 or train_set_size < 1):
             raise ValueError(
@@ -171,6 +173,9 @@ class TRAKer:
         self._loaded: _Loaded | None = None
         self._train_cursor = 0
         self._scoring: dict[str, Any] | None = None
+        self.progress = bool(progress)
+        self._bar = None
+        self._bar_label = None
 
     # --- checkpoints ---------------------------------------------------------------------
     @property
@@ -391,7 +396,10 @@ class TRAKer:
             arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
             work, rows = self._todo(batch, inds, arrays["done"])
             if work is not None:
+                label = f"featurize model {loaded.model_id}"
+                self._advance(label, arrays["done"], 0)
                 self._featurize_rows(loaded, work, rows, arrays)
+                self._advance(label, arrays["done"], len(rows))
         # only a batch that is on disk moves the cursor: a failed call can be repeated as is
         self._train_cursor = int(inds.max()) + 1 if inds.size else self._train_cursor
 
@@ -404,6 +412,26 @@ class TRAKer:
                                    np.asarray(q)[: len(rows)]}, "training")
         phi, q = results.values()
         self.store.write_rows(arrays, rows, {"grads": phi, "out_to_loss": q}, flags)
+
+    def _advance(self, label: str, done: np.ndarray, count: int) -> None:
+        """Move the progress bar of ``label`` by ``count`` newly stored rows (0 before a
+        batch's work, so that the rate counts from the first batch)."""
+        if not self.progress:
+            return
+        if self._bar_label != label:
+            if self._bar is not None:
+                self._bar.close()
+            from tqdm.auto import tqdm  # only when asked for
+
+            self._bar = tqdm(total=len(done), initial=int(np.count_nonzero(done)) - count,
+                             desc=label,
+                             unit="rows", dynamic_ncols=True)
+            self._bar_label = label
+        if count:
+            self._bar.update(count)
+        if self._bar.n >= self._bar.total:
+            self._bar.close()
+            self._bar, self._bar_label = None, None
 
     def _require_loaded(self) -> _Loaded:
         if self._loaded is None:
@@ -533,6 +561,8 @@ class TRAKer:
                                               self.proj_dim)
             work, rows = self._todo(batch, inds, arrays["done"])
             if work is not None:
+                label = f"score {s['exp_name']} model {loaded.model_id}"
+                self._advance(label, arrays["done"], 0)
                 phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state,
                                                  loaded.key, loaded.cache,
                                                  tuple(jnp.asarray(a) for a in work))
@@ -540,6 +570,7 @@ class TRAKer:
                     rows, work, {"projected target gradients": np.asarray(phi)[: len(rows)]}, "target")
                 (phi,) = results.values()
                 self.store.write_rows(arrays, rows, {"grads": phi}, flags)
+                self._advance(label, arrays["done"], len(rows))
         s["cursor"] = int(inds.max()) + 1 if inds.size else s["cursor"]
 
     def finalize_scores(self, exp_name: str, model_ids: Sequence[int] | None = None,
