@@ -44,9 +44,8 @@ def _open_store(save_dir: str):
 def _store_shape(store) -> tuple[int, int | None]:
     config = store.config
     n = int(config["train_set_size"])
-    projector = config.get("projector", {})
     grad_dim = config.get("grad_dim")
-    k = grad_dim if projector.get("kind") == "identity" else projector.get("proj_dim")
+    k = grad_dim if config.get("projector") == "identity" else config.get("proj_dim")
     return n, (int(k) if k is not None else None)
 
 
