@@ -41,7 +41,7 @@ def test_matrix_independent_of_blocks_cache_and_batch(proj):
         blocked = proj._replace(block_rows=block_rows)
         np.testing.assert_allclose(trax_attr.project(blocked, key, grads), reference,
                                    rtol=1e-5, atol=1e-5)
-    cache = trax_attr.projection_cache(proj, key, sizes)
+    cache = trax_attr.projection_cache(proj._replace(max_cache_bytes=1 << 24), key, sizes)
     assert cache is not None and [c.shape for c in cache] == [(1000, 256), (17, 256)]
     np.testing.assert_allclose(trax_attr.project(proj, key, grads, cache), reference,
                                rtol=1e-5, atol=1e-5)
