@@ -64,13 +64,82 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _publish_new(tmp: str | Path, path: Path) -> None:
+    """Move ``tmp`` to ``path`` unless ``path`` exists: processes sharing a store never
+    replace a file another one already created (and maybe wrote rows to)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+def write_json_new(path: Path, data: dict[str, Any]) -> None:
+    """Create a JSON file atomically, keeping the existing one if another process won."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    _publish_new(tmp, path)
+
+
 def _create_array(path: Path, shape: tuple[int, ...], dtype) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
     array.flush()
     del array
-    os.replace(tmp, path)
+    _publish_new(tmp, path)
+
+
+def _rows_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(handle)
+        if fortran:
+            raise ValueError(f"{path} is stored in Fortran order; rows cannot be streamed.")
+        return handle.tell(), shape, dtype
+
+
+def read_rows(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a C-order .npy file, read with plain file IO.
+
+    Unlike a memmap, the pages read do not stay in the process's resident memory, so a
+    loop over chunks uses memory bounded by the chunk, whatever the file's size.
+    """
+    offset, shape, dtype = _rows_layout(path)
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    stop = min(stop, shape[0])
+    out = np.empty((max(stop - start, 0),) + tuple(shape[1:]), dtype)
+    with open(path, "rb") as handle:
+        handle.seek(offset + start * row * dtype.itemsize)
+        handle.readinto(memoryview(out.reshape(-1)).cast("B"))
+    return out
+
+
+def write_rows(path: Path, start: int, values: np.ndarray) -> None:
+    """Write ``values`` as rows ``start...`` of an existing .npy file, flushed to disk.
+
+    Only these bytes are written, so processes writing disjoint rows do not clobber each
+    other (local or cluster file systems with POSIX write semantics).
+    """
+    offset, shape, dtype = _rows_layout(path)
+    values = np.ascontiguousarray(values, dtype)
+    if values.shape[1:] != tuple(shape[1:]) or start < 0 or start + len(values) > shape[0]:
+        raise ValueError(f"rows {start}..{start + len(values)} of shape {values.shape[1:]} do "
+                         f"not fit {path} of shape {shape}.")
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    with open(path, "r+b") as handle:
+        handle.seek(offset + start * row * dtype.itemsize)
+        handle.write(memoryview(values.reshape(-1)).cast("B"))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def open_array(path: Path, shape: tuple[int, ...], dtype, mode: str = "r+") -> np.memmap:
@@ -113,10 +182,16 @@ def check_model_id(model_id) -> int:
 class Store:
     """Files of one TRAK run. Only this class touches disk."""
 
-    def __init__(self, root: str | os.PathLike, config: dict[str, Any]):
+    def __init__(self, root: str | os.PathLike, config: dict[str, Any], *, writer: bool = True):
+        # Several processes may open one store; only the writer records new config keys,
+        # so store.json is never read-modified-written concurrently.
+        self.writer = bool(writer)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         meta_path = self.root / "store.json"
+        if not meta_path.exists():
+            write_json_new(meta_path, {"format": "trax_attr.store", "version": FORMAT_VERSION,
+                                       "config": dict(config)})
         if meta_path.exists():
             meta = read_json(meta_path)
             if meta.get("format") != "trax_attr.store" or meta.get("version") != FORMAT_VERSION:
@@ -148,7 +223,9 @@ class Store:
                 "for a new run."
             )
         new = {key: value for key, value in config.items() if key not in self.config}
-        if new:
+        if new and not self.writer:
+            self.config.update(new)
+        elif new:
             self.config.update(new)
             self._write_store_meta()
 
@@ -166,6 +243,30 @@ class Store:
     def model_meta(self, model_id: int) -> dict[str, Any] | None:
         path = self.model_dir(model_id) / "meta.json"
         return read_json(path) if path.exists() else None
+
+    def create_model_meta(self, model_id: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write a checkpoint's first metadata unless another process did; returns the stored."""
+        write_json_new(self.model_dir(model_id) / "meta.json", meta)
+        return self.model_meta(model_id)
+
+    def array_path(self, model_id: int, name: str) -> Path:
+        """Path of a checkpoint's array file (``grads``, ``out_to_loss``, ``features``...)."""
+        return self.model_dir(model_id) / f"{name}.npy"
+
+    def partial_features(self, model_id: int, n: int, k: int, *, create: bool):
+        """``(path, publish)`` of features.npy under a temp name, made (zeros) if ``create``.
+
+        Processes write their rows with :func:`write_rows`; one of them calls ``publish``.
+        """
+        final = self.model_dir(model_id) / "features.npy"
+        tmp = final.with_name(".features.npy.partial")
+        if create:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, k)).flush()
+
+        def publish():
+            os.replace(tmp, final)
+
+        return tmp, publish
 
     def write_model_meta(self, model_id: int, meta: dict[str, Any]) -> None:
         write_json_atomic(self.model_dir(model_id) / "meta.json", meta)

@@ -37,8 +37,9 @@ import numpy as np
 from .features import Featurizer, featurize_fn, inverse_gram
 from .gradients import GradWrt, Selection, select
 from .models import Model, as_model
+from . import sharding
 from .projection import Projector, get_projector, projection_cache, projection_key
-from .store import Store, check_model_id
+from .store import Store, check_model_id, read_rows, write_rows
 from .tasks import ModelOutput, get_task
 
 __all__ = ["TRAKer"]
@@ -97,6 +98,10 @@ class TRAKer:
       traker_inverse_rescale: divide each (XᵀX + λI)⁻¹ by its mean absolute entry, as
         traker 0.3.2 does (for score parity with it; off by default).
       chunk_rows: rows of the store read at once by finalize steps; bounds memory.
+      mesh: the ``jax.sharding.Mesh`` of this process's devices that batches, XᵀX and
+        scores are split over (see :mod:`trax_attr.sharding`); None: all local devices.
+        Results do not depend on it. Several processes (jax.distributed) share one store:
+        each featurizes its own rows (``inds=``), all call finalize_features.
     """
 
     def __init__(self, model, task: str | ModelOutput = "image_classification",
@@ -104,7 +109,7 @@ class TRAKer:
                  proj_dim: int = 2048, projector: str | Projector = "rademacher", seed: int = 0,
                  lambda_reg: float = 0.0, grad_wrt: GradWrt = None, proj_dtype=jnp.bfloat16,
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
-                 chunk_rows: int = 16384):
+                 chunk_rows: int = 16384, mesh=None):
         if (isinstance(train_set_size, bool) or not isinstance(train_set_size, (int, np.integer))
                 or train_set_size < 1):
             raise ValueError(
@@ -128,6 +133,7 @@ class TRAKer:
         self.xtx_dtype = np.dtype(xtx_dtype)
         self.traker_inverse_rescale = bool(traker_inverse_rescale)
         self.chunk_rows = int(chunk_rows)
+        self.mesh = sharding.check_mesh(mesh)
         self.store = Store(save_dir, {
             "train_set_size": self.train_set_size,
             "task": repr(self.task),
@@ -138,7 +144,7 @@ class TRAKer:
             "grad_wrt": _describe_grad_wrt(grad_wrt),
             "xtx_dtype": self.xtx_dtype.name,
             "traker_inverse_rescale": self.traker_inverse_rescale,
-        })
+        }, writer=jax.process_index() == 0)
         self.save_dir = self.store.root
         self._selection: Selection | None = None
         self._featurize = None
@@ -165,8 +171,9 @@ class TRAKer:
         if self._selection is None:
             self._selection = select(params, self.grad_wrt)
             f = Featurizer(self.task, self.model, self._selection, self.projector)
-            self._featurize = jax.jit(featurize_fn(f))
-            self._featurize_targets = jax.jit(featurize_fn(f, with_out_to_loss=False))
+            self._featurize = sharding.shard_featurize(featurize_fn(f), self.mesh)
+            self._featurize_targets = sharding.shard_featurize(
+                featurize_fn(f, with_out_to_loss=False), self.mesh)
             self.store.check_config({"grad_dim": self._selection.grad_dim,
                                      "parameters": list(self._selection.paths)})
         else:
@@ -201,15 +208,15 @@ class TRAKer:
         model_id = check_model_id(model_id)
         loaded = self._prepare(checkpoint, model_id)
         meta = self.store.model_meta(model_id)
-        if meta is not None and meta["fingerprint"] != loaded.fingerprint:
+        if meta is None:
+            meta = self.store.create_model_meta(model_id, {"fingerprint": loaded.fingerprint,
+                                                           "finalized": False})
+        if meta["fingerprint"] != loaded.fingerprint:
             raise ValueError(
                 f"model_id={model_id} in {str(self.save_dir)!r} holds features of a different "
                 "checkpoint (its weights' fingerprint differs). Give this checkpoint a new "
                 "model_id, or use another save_dir."
             )
-        if meta is None:
-            self.store.write_model_meta(model_id, {"fingerprint": loaded.fingerprint,
-                                                   "finalized": False})
         self._loaded = loaded
         self._train_cursor = 0
 
@@ -304,7 +311,7 @@ class TRAKer:
         if work is None:
             return
         phi, q = self._featurize(loaded.selected, loaded.rest, loaded.state, loaded.key,
-                                 loaded.cache, tuple(jnp.asarray(a) for a in work))
+                                 loaded.cache, sharding.pad_batch(work, self.mesh.size))
         phi, q = np.asarray(phi)[: len(rows)], np.asarray(q)[: len(rows)]
         self._check_finite(phi, rows, "projected gradients")
         self._check_finite(q, rows, "out-to-loss gradients")
@@ -328,7 +335,12 @@ class TRAKer:
         Args:
           model_ids: the checkpoints to finalize; all featurized ones by default.
             Already finalized checkpoints are kept as they are.
+
+        The store is streamed in ``chunk_rows`` chunks. With several processes every one of
+        them calls this: each sums XᵀX over its :func:`~trax_attr.sharding.process_rows`,
+        the sums are gathered, and each writes Φ·A for its rows.
         """
+        sharding.barrier()  # every process has written its rows
         ids = self.store.model_ids() if model_ids is None else [check_model_id(i) for i in model_ids]
         if not ids:
             raise ValueError("nothing to finalize: no checkpoint has been featurized in "
@@ -342,27 +354,41 @@ class TRAKer:
                                  f"{self.store.model_ids()}.")
             if meta.get("finalized"):
                 continue
-            arrays = self.store.model_arrays(model_id, n, k)
-            missing = np.flatnonzero(arrays["done"] == 0)
-            if missing.size:
+            missing, count = self._missing_rows(self.store.array_path(model_id, "done"), n)
+            if count:
                 raise ValueError(
-                    f"model_id={model_id} is missing {missing.size} of {n} training rows (e.g. "
-                    f"{missing[:8].tolist()}); featurize them before finalize_features."
+                    f"model_id={model_id} is missing {count} of {n} training rows (e.g. "
+                    f"{missing}); featurize them before finalize_features."
                 )
-            grads = arrays["grads"]
-            gram = np.zeros((k, k), self.xtx_dtype)
-            for start in range(0, n, self.chunk_rows):
-                block = np.asarray(grads[start:start + self.chunk_rows], self.xtx_dtype)
-                gram += block.T @ block
+            grads = self.store.array_path(model_id, "grads")
+            mine = sharding.process_rows(n)
+            first = jax.process_index() == 0
+            partial, publish = self.store.partial_features(model_id, n, k, create=first)
+            gram = sharding.stream_gram(lambda a, b: read_rows(grads, a, b), mine, k,
+                                        self.chunk_rows, self.mesh, self.xtx_dtype)
+            gram = sharding.process_sum(gram)  # also waits for the partial file
             inverse = inverse_gram(gram, self.lambda_reg,
                                    traker_inverse_rescale=self.traker_inverse_rescale)
-            inverse = inverse.astype(np.float32)
-            features, publish = self.store.new_features(model_id, n, k)
-            for start in range(0, n, self.chunk_rows):
-                features[start:start + self.chunk_rows] = grads[start:start + self.chunk_rows] @ inverse
-            publish()
-            self.store.write_model_meta(model_id, {**meta, "finalized": True})
+            sharding.stream_solve(lambda a, b: read_rows(grads, a, b),
+                                  lambda a, values: write_rows(partial, a, values), mine,
+                                  inverse.astype(np.float32), self.chunk_rows, self.mesh)
+            sharding.barrier()
+            if first:
+                publish()
+                self.store.write_model_meta(model_id, {**meta, "finalized": True})
+            sharding.barrier()
             logger.info("finalized features of model_id=%d (n=%d, k=%d)", model_id, n, k)
+
+    def _missing_rows(self, done_path, n: int) -> tuple[list[int], int]:
+        """(first few missing rows, how many) of a done bitmap, read in chunks."""
+        if not done_path.exists():
+            return list(range(min(n, 8))), n
+        first, count = [], 0
+        for start in range(0, n, self.chunk_rows):
+            todo = np.flatnonzero(read_rows(done_path, start, start + self.chunk_rows) == 0)
+            count += todo.size
+            first.extend((todo[: 8 - len(first)] + start).tolist())
+        return first, count
 
     def _stored_proj_dim(self) -> int:
         if self._selection is not None:
@@ -435,7 +461,7 @@ class TRAKer:
         if work is None:
             return
         phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state, loaded.key,
-                                         loaded.cache, tuple(jnp.asarray(a) for a in work))
+                                         loaded.cache, sharding.pad_batch(work, self.mesh.size))
         phi = np.asarray(phi)[: len(rows)]
         self._check_finite(phi, rows, "projected target gradients")
         arrays["grads"][rows] = phi
@@ -444,7 +470,8 @@ class TRAKer:
         arrays["done"].flush()
 
     def finalize_scores(self, exp_name: str, model_ids: Sequence[int] | None = None,
-                        allow_skip: bool = False) -> np.ndarray:
+                        allow_skip: bool = False, *, top_k: int | None = None,
+                        target_chunk: int = 4096):
         """Average the checkpoints' scores of ``exp_name`` and weight them by mean Q.
 
         Args:
@@ -452,11 +479,24 @@ class TRAKer:
           model_ids: checkpoints to use; all scored ones by default.
           allow_skip: skip (with a warning) checkpoints whose targets are incomplete,
             instead of raising.
+          top_k: None for every score; an integer k to keep only the k strongest
+            proponents and opponents of each target, never forming the (n, m) matrix, so
+            memory is bounded by ``chunk_rows × target_chunk`` (for millions of rows).
+          target_chunk: targets scored at once in top-k mode.
 
         Returns:
           ``(train_set_size, num_targets)`` float32 scores, also saved as
-          ``experiments/<exp_name>/scores.npy``.
+          ``experiments/<exp_name>/scores.npy``; with ``top_k``, a
+          :class:`~trax_attr.sharding.TopK` of ``(num_targets, top_k)`` arrays (not saved).
         """
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(
+                top_k, (int, np.integer)) or not 1 <= top_k <= self.train_set_size):
+            raise ValueError(
+                f"top_k must be None (all scores) or an integer in [1, train_set_size="
+                f"{self.train_set_size}], got {top_k!r}.")
+        if isinstance(target_chunk, bool) or not isinstance(target_chunk, (int, np.integer)) \
+                or target_chunk < 1:
+            raise ValueError(f"target_chunk must be a positive integer, got {target_chunk!r}.")
         exp = self.store.experiment_meta(exp_name)
         if exp is None:
             raise ValueError(
@@ -481,14 +521,22 @@ class TRAKer:
             used.append(model_id)
         if not used:
             raise ValueError(f"experiment {exp_name!r} has no checkpoint with all targets scored.")
-        scores = np.zeros((n, m), np.float32)
-        out_to_loss = np.zeros(n, np.float64)
+        targets = np.stack([np.asarray(self.store.target_arrays(exp_name, model_id, m, k)["grads"])
+                            for model_id in used])
         for model_id in used:
-            targets = np.asarray(self.store.target_arrays(exp_name, model_id, m, k)["grads"])
-            features = self.store.features(model_id, n, k)
-            for start in range(0, n, self.chunk_rows):
-                scores[start:start + self.chunk_rows] += features[start:start + self.chunk_rows] @ targets.T
-            out_to_loss += self.store.model_arrays(model_id, n, k)["out_to_loss"]
-        scores *= (out_to_loss / len(used) ** 2).astype(np.float32)[:, None]
-        self.store.save_scores(exp_name, scores)
-        return scores
+            self.store.features(model_id, n, k)  # exists, of the right shape
+        features = [self.store.array_path(model_id, "features") for model_id in used]
+        out_to_loss = [self.store.array_path(model_id, "out_to_loss") for model_id in used]
+
+        def read_features(start, stop):
+            return np.stack([read_rows(path, start, stop) for path in features])
+
+        def read_weights(start, stop):
+            total = sum(read_rows(path, start, stop).astype(np.float64) for path in out_to_loss)
+            return (total / len(used) ** 2).astype(np.float32)
+
+        result = sharding.stream_scores(read_features, read_weights, targets, n, self.chunk_rows,
+                                        self.mesh, top_k=top_k, target_chunk=int(target_chunk))
+        if top_k is None:
+            self.store.save_scores(exp_name, result)
+        return result
