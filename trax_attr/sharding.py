@@ -113,7 +113,16 @@ def shard_featurize(fn: Callable, mesh: Mesh) -> Callable:
     a multiple of D = ``mesh.size`` (:func:`pad_batch`).
     """
     rows = _rows_spec(mesh)
-    mapped = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), rows),
+    names = tuple(mesh.axis_names)
+
+    def kernel(selected, rest, state, key, cache, batch):
+        # Mark the replicated parameters as device-varying: otherwise the transpose of
+        # their broadcast psums each per-example gradient over the devices (the gradient
+        # of a replicated value is the sum over its copies), mixing the shards' examples.
+        selected = jax.tree.map(lambda a: jax.lax.pcast(a, names, to="varying"), selected)
+        return fn(selected, rest, state, key, cache, batch)
+
+    mapped = jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), rows),
                            out_specs=rows)
     return jax.jit(mapped)
 
