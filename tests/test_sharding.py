@@ -163,3 +163,20 @@ def test_finalize_scores_rejects_bad_top_k(tmp_path):
     traker = trax_attr.TRAKer(model=lambda p, x: x @ p, train_set_size=5, save_dir=tmp_path)
     with pytest.raises(ValueError, match="top_k must be"):
         traker.finalize_scores("t", top_k=6)
+
+
+def test_sharded_featurize_compiles_once_per_shape():
+    import chex
+    import jax.numpy as jnp
+
+    @chex.assert_max_traces(n=1)
+    def fn(selected, rest, state, key, cache, batch):
+        (w,), (x,) = selected, batch
+        return x @ w, jnp.sum(x, axis=1)
+
+    sharded = sharding.shard_featurize(fn, sharding.default_mesh())
+    w = np.ones((3, 2), np.float32)
+    for seed in range(3):
+        x = np.random.default_rng(seed).normal(size=(8, 3)).astype(np.float32)
+        phi, q = sharded((w,), (), None, None, None, (x,))
+        np.testing.assert_allclose(np.asarray(phi), x @ w, rtol=1e-6)

@@ -25,6 +25,8 @@ from .projection import projection_key
 from .projection import rademacher
 from .scoring import score_block
 from .scoring import trak_scores
+from .sharding import TopK
+from .sharding import default_mesh
 from .tasks import TASKS
 from .tasks import ImageClassification
 from .tasks import ModelOutput
@@ -42,8 +44,10 @@ __all__ = [
     "Projector",
     "TASKS",
     "TRAKer",
+    "TopK",
     "as_model",
     "callable_model",
+    "default_mesh",
     "featurize",
     "get_task",
     "identity",
