@@ -52,10 +52,12 @@ def one_size(n: int, k: int, m: int, top_k: int, chunk: int, save_dir: str) -> d
         write_rows(paths["out_to_loss"], start, rng.uniform(0, 1, c).astype(np.float32))
         write_rows(paths["done"], start, np.ones(c, np.uint8))
     t_featurize = time.perf_counter() - t0
+    rss_featurize = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     t0 = time.perf_counter()
     traker.finalize_features()
     t_finalize = time.perf_counter() - t0
+    rss_finalize = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     traker.start_scoring_checkpoint("bench", params, model_id=0, num_targets=m)
     targets = traker.store.target_arrays("bench", 0, m, k)
@@ -74,6 +76,8 @@ def one_size(n: int, k: int, m: int, top_k: int, chunk: int, save_dir: str) -> d
         "topk_score_s": round(t_score, 2),
         "total_s": round(t_featurize + t_finalize + t_score, 2),
         "rss_after_setup_mb": round(rss_start),
+        "peak_rss_after_featurize_mb": round(rss_featurize),
+        "peak_rss_after_finalize_mb": round(rss_finalize),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "store_gb": round(2 * n * k * 4 / 1e9, 2),
         "dense_scores_would_be_gb": round(n * m * 4 / 1e9, 2),

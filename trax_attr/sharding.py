@@ -375,6 +375,9 @@ def stream_scores(read_features: Callable[[int, int], np.ndarray],
             block = topk_rows(features, targets[:, t0:t0 + target_chunk], weights, start, n,
                               mesh, top_k)
             states[j] = block if states[j] is None else merge_topk(states[j], block, top_k)
+        # Without this the loop only enqueues work (async dispatch) and every chunk read
+        # stays alive until its turn: memory would grow with n_train, not the chunk.
+        jax.block_until_ready(states)
     hi, hi_rows, lo, lo_rows = (np.concatenate([np.asarray(s[i]) for s in states])
                                 for i in range(4))
     return TopK(hi_rows.astype(np.int64), hi.astype(np.float32),
