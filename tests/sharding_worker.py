@@ -13,12 +13,13 @@ from trax_attr import sharding
 from trax_attr.store import read_rows
 
 
-def run(mesh, save_dir, digits, checkpoints):
+def run(mesh, save_dir, digits, checkpoints, max_cache_bytes=1 << 30):
     x, y = digits
     n, m = 1000, 24
     traker = trax_attr.TRAKer(model=lambda p, v: v @ p["w"] + p["b"], train_set_size=n,
-                              save_dir=save_dir, proj_dim=96, proj_dtype=jnp.float32,
-                              lambda_reg=0.05, chunk_rows=300, mesh=mesh)
+                              save_dir=save_dir, lambda_reg=0.05, chunk_rows=300, mesh=mesh,
+                              projector=trax_attr.rademacher(96, dtype=jnp.float32,
+                                                             max_cache_bytes=max_cache_bytes))
     for model_id, params in enumerate(checkpoints):
         traker.load_checkpoint(params, model_id=model_id)
         for start in range(0, n, 100):  # 100 rows: padded to a multiple of 8 devices
@@ -52,8 +53,12 @@ def main(out, root):
     results = {}
     for name, mesh in [("one", sharding.default_mesh(devices[:1])),
                        ("eight", None),
-                       ("grid", Mesh(np.array(devices).reshape(4, 2), ("rows", "targets")))]:
-        for key, value in run(mesh, f"{root}/{name}", digits, checkpoints).items():
+                       ("grid", Mesh(np.array(devices).reshape(4, 2), ("rows", "targets"))),
+                       ("proj", Mesh(np.array(devices).reshape(4, 2), ("data", "proj"))),
+                       ("projgen", Mesh(np.array(devices).reshape(2, 4), ("data", "proj")))]:
+        # projgen: P not cached, its column blocks generated inside the kernel.
+        cache = 0 if name == "projgen" else 1 << 30
+        for key, value in run(mesh, f"{root}/{name}", digits, checkpoints, cache).items():
             results[f"{name}_{key}"] = value
     np.savez(out, **results)
 

@@ -46,7 +46,7 @@ def eight_devices(tmp_path_factory):
     return dict(np.load(out))
 
 
-@pytest.mark.parametrize("mesh", ["eight", "grid"])
+@pytest.mark.parametrize("mesh", ["eight", "grid", "proj", "projgen"])
 def test_eight_devices_match_one_device(eight_devices, mesh):
     r = eight_devices
     _close(r[f"{mesh}_scores"], r["one_scores"], 1e-5)
@@ -180,3 +180,19 @@ def test_sharded_featurize_compiles_once_per_shape():
         x = np.random.default_rng(seed).normal(size=(8, 3)).astype(np.float32)
         phi, q = sharded((w,), (), None, None, None, (x,))
         np.testing.assert_allclose(np.asarray(phi), x @ w, rtol=1e-6)
+
+
+def test_project_columns_are_slices_of_the_full_projection():
+    import jax.numpy as jnp
+
+    from trax_attr.projection import normal, project, projection_key, rademacher
+
+    rng = np.random.default_rng(3)
+    grads = (jnp.asarray(rng.normal(size=(4, 37)), jnp.float32),
+             jnp.asarray(rng.normal(size=(4, 20)), jnp.float32))
+    for projector in (rademacher(24, dtype=jnp.float32, block_rows=8),
+                      normal(24, dtype=jnp.float32, block_rows=8)):
+        key = projection_key(0, 3)
+        full = np.asarray(project(projector, key, grads))
+        part = np.asarray(project(projector, key, grads, col_start=jnp.int32(8), num_cols=8))
+        np.testing.assert_allclose(part, full[:, 8:16], rtol=1e-6, atol=1e-6)

@@ -161,16 +161,20 @@ def _hash(words: jax.Array, rows: jax.Array, cols: jax.Array, stream: int = 0) -
     return _mix(h ^ (cols * jnp.uint32(0x85EBCA77) + words[1] + jnp.uint32(stream * 0x68E31DA4)))
 
 
-def matrix_block(projector: Projector, key: jax.Array, row_start, num_rows: int) -> jax.Array:
+def matrix_block(projector: Projector, key: jax.Array, row_start, num_rows: int,
+                 col_start=0, num_cols: int | None = None) -> jax.Array:
     """Rows ``[row_start, row_start + num_rows)`` of P -> ``(num_rows, k)`` in its dtype.
 
-    ``row_start`` may be traced; ``num_rows`` is static. Not for the identity projector.
+    ``row_start`` and ``col_start`` may be traced; ``num_rows`` and ``num_cols`` (default
+    k: all columns) are static. Not for the identity projector.
     """
     if projector.kind == "identity":
         raise ValueError("the identity projector has no random matrix; use project().")
     words = _key_words(key)
     rows = (jnp.asarray(row_start, jnp.uint32) + jnp.arange(num_rows, dtype=jnp.uint32))[:, None]
-    cols = jnp.arange(projector.proj_dim, dtype=jnp.uint32)[None, :]
+    num_cols = projector.proj_dim if num_cols is None else num_cols
+    cols = (jnp.asarray(col_start, jnp.uint32)
+            + jnp.arange(num_cols, dtype=jnp.uint32))[None, :]
     dtype = jnp.dtype(projector.dtype)
     if projector.kind == "rademacher":
         bit = _hash(words, rows, cols) >> 31
@@ -223,26 +227,29 @@ def _build_cache(projector, key, leaf_sizes):
                  for i, size in enumerate(leaf_sizes))
 
 
-def _project_leaf(projector: Projector, key, g: jax.Array, offset: int, rows: int) -> jax.Array:
-    """g (B, size) @ P[offset:offset+size] -> (B, k) f32, generating P in blocks."""
+def _project_leaf(projector: Projector, key, g: jax.Array, offset: int, rows: int,
+                  col_start=0, num_cols: int | None = None) -> jax.Array:
+    """g (B, size) @ P[offset:offset+size, cols] -> (B, num_cols) f32, P made in blocks."""
     size = g.shape[1]
     full, rem = divmod(size, rows)
-    acc = jnp.zeros((g.shape[0], projector.proj_dim), jnp.float32)
+    num_cols = projector.proj_dim if num_cols is None else num_cols
+    acc = jnp.zeros((g.shape[0], num_cols), jnp.float32)
     if full:
         def body(i, acc):
-            block = matrix_block(projector, key, offset + i * rows, rows)
+            block = matrix_block(projector, key, offset + i * rows, rows, col_start, num_cols)
             g_block = jax.lax.dynamic_slice_in_dim(g, i * rows, rows, axis=1)
             return acc + jnp.dot(g_block, block, preferred_element_type=jnp.float32)
 
         acc = jax.lax.fori_loop(0, full, body, acc)
     if rem:
-        block = matrix_block(projector, key, offset + full * rows, rem)
+        block = matrix_block(projector, key, offset + full * rows, rem, col_start, num_cols)
         acc = acc + jnp.dot(g[:, full * rows:], block, preferred_element_type=jnp.float32)
     return acc
 
 
 def project(projector: Projector, key: jax.Array, grads: tuple[jax.Array, ...],
-            cache: tuple[jax.Array, ...] | None = None) -> jax.Array:
+            cache: tuple[jax.Array, ...] | None = None, *, col_start=0,
+            num_cols: int | None = None) -> jax.Array:
     """φ = Pᵀ g / √d for a batch of per-example gradients given leaf by leaf.
 
     Args:
@@ -250,10 +257,13 @@ def project(projector: Projector, key: jax.Array, grads: tuple[jax.Array, ...],
       key: the checkpoint's key, :func:`projection_key`.
       grads: ``((B, size_l), ...)``, the gradient split by parameter leaf; d = Σ size_l.
         The (B, d) gradient is never concatenated for random projectors.
-      cache: optional :func:`projection_cache` of the same key and leaf sizes.
+      cache: optional :func:`projection_cache` of the same key and leaf sizes (only the
+        columns ``col_start + [0, num_cols)`` of it when those are given).
+      col_start, num_cols: compute only these columns of φ (``col_start`` may be traced);
+        this is how proj_dim is split over devices. Default: all k.
 
     Returns:
-      ``(B, k)`` float32 projected gradients.
+      ``(B, num_cols)`` float32 projected gradients (``(B, k)`` by default).
     """
     sizes = [g.shape[1] for g in grads]
     d = sum(sizes)
@@ -262,13 +272,14 @@ def project(projector: Projector, key: jax.Array, grads: tuple[jax.Array, ...],
         return jnp.concatenate([g.astype(jnp.float32) for g in grads], axis=1) * norm
     dtype = jnp.dtype(projector.dtype)
     rows = projector.rows_per_block(d)
-    acc = jnp.zeros((grads[0].shape[0], projector.proj_dim), jnp.float32)
+    num_cols = projector.proj_dim if num_cols is None else num_cols
+    acc = jnp.zeros((grads[0].shape[0], num_cols), jnp.float32)
     offset = 0
     for i, g in enumerate(grads):
         g = g.astype(dtype)
         if cache is not None:
             acc = acc + jnp.dot(g, cache[i], preferred_element_type=jnp.float32)
         else:
-            acc = acc + _project_leaf(projector, key, g, offset, rows)
+            acc = acc + _project_leaf(projector, key, g, offset, rows, col_start, num_cols)
         offset += sizes[i]
     return acc * norm

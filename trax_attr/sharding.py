@@ -31,11 +31,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["DATA_AXIS", "TopK", "default_mesh", "check_mesh", "pad_batch", "shard_featurize",
+__all__ = ["DATA_AXIS", "PROJ_AXIS", "TopK", "batch_shards", "default_mesh", "check_mesh", "pad_batch", "shard_featurize",
            "gram_rows", "solve_rows", "score_rows", "topk_rows", "merge_topk", "process_rows",
            "process_sum", "barrier", "stream_gram", "stream_solve", "stream_scores"]
 
 DATA_AXIS = "data"
+PROJ_AXIS = "proj"
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -105,26 +106,55 @@ def pad_batch(batch: tuple, multiple: int) -> tuple:
     return tuple(np.asarray(a)[take] for a in batch)
 
 
-def shard_featurize(fn: Callable, mesh: Mesh) -> Callable:
+def batch_shards(mesh: Mesh) -> int:
+    """How many slices a featurize batch is cut into: devices not on the ``"proj"`` axis."""
+    return mesh.size // mesh.shape.get(PROJ_AXIS, 1)
+
+
+def shard_featurize(fn: Callable, mesh: Mesh, proj_dim: int | None = None) -> Callable:
     """jit(shard_map(fn)): ``fn(selected, rest, state, key, cache, batch)`` data-parallel.
 
     Per shard: ``batch`` leaves ``(B / D, ...)``, everything else replicated; the outputs
     ``(B / D, k)`` and ``(B / D,)`` are concatenated back to ``(B, k)``, ``(B,)``. B must be
-    a multiple of D = ``mesh.size`` (:func:`pad_batch`).
+    a multiple of D = :func:`batch_shards` (:func:`pad_batch`).
+
+    With a mesh axis named ``"proj"`` (e.g. ``jax.make_mesh((4, 2), ("data", "proj"))``),
+    proj_dim is split over it too: each device computes the gradients of its batch slice
+    and the ``proj_dim / P`` columns of φ of its ``"proj"`` index, generating only those
+    columns of the projection matrix (for large proj_dim). ``fn`` must then accept
+    ``col_start`` and ``num_cols`` (as :func:`~trax_attr.features.featurize_fn` does) and
+    ``cache`` is split by columns.
     """
-    rows = _rows_spec(mesh)
     names = tuple(mesh.axis_names)
+    batch_axes = tuple(a for a in names if a != PROJ_AXIS)
+    rows = P(batch_axes)
+    columns = None
+    if PROJ_AXIS in names:
+        parts = mesh.shape[PROJ_AXIS]
+        if proj_dim is None or proj_dim % parts:
+            raise ValueError(
+                f"proj_dim={proj_dim} must be a multiple of the mesh's {PROJ_AXIS!r} axis "
+                f"({parts} devices) to split the projection over it; change proj_dim or the "
+                "mesh.")
+        columns = proj_dim // parts
 
     def kernel(selected, rest, state, key, cache, batch):
-        # Mark the replicated parameters as device-varying: otherwise the transpose of
-        # their broadcast psums each per-example gradient over the devices (the gradient
-        # of a replicated value is the sum over its copies), mixing the shards' examples.
-        selected = jax.tree.map(lambda a: jax.lax.pcast(a, names, to="varying"), selected)
-        return fn(selected, rest, state, key, cache, batch)
+        # Mark the replicated parameters as varying over the batch axes: otherwise the
+        # transpose of their broadcast psums each per-example gradient over the devices
+        # (the gradient of a replicated value is the sum over its copies).
+        selected = jax.tree.map(lambda a: jax.lax.pcast(a, batch_axes, to="varying"),
+                                selected)
+        if columns is None:
+            return fn(selected, rest, state, key, cache, batch)
+        start = jax.lax.axis_index(PROJ_AXIS) * columns
+        return fn(selected, rest, state, key, cache, batch, col_start=start, num_cols=columns)
 
-    mapped = jax.shard_map(kernel, mesh=mesh, in_specs=(P(), P(), P(), P(), P(), rows),
-                           out_specs=rows)
-    return jax.jit(mapped)
+    if columns is None:
+        in_specs, out_specs = (P(), P(), P(), P(), P(), rows), rows
+    else:
+        in_specs = (P(), P(), P(), P(), P(None, PROJ_AXIS), rows)
+        out_specs = (P(batch_axes, PROJ_AXIS), rows)
+    return jax.jit(jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
 
 
 def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:

@@ -134,6 +134,10 @@ class TRAKer:
         self.traker_inverse_rescale = bool(traker_inverse_rescale)
         self.chunk_rows = int(chunk_rows)
         self.mesh = sharding.check_mesh(mesh)
+        if sharding.PROJ_AXIS in self.mesh.axis_names and self.projector.kind == "identity":
+            raise ValueError(
+                f"mesh has a {sharding.PROJ_AXIS!r} axis, which splits proj_dim over devices, "
+                "but the identity projector has no proj_dim to split; use a mesh without it.")
         self.store = Store(save_dir, {
             "train_set_size": self.train_set_size,
             "task": repr(self.task),
@@ -171,9 +175,10 @@ class TRAKer:
         if self._selection is None:
             self._selection = select(params, self.grad_wrt)
             f = Featurizer(self.task, self.model, self._selection, self.projector)
-            self._featurize = sharding.shard_featurize(featurize_fn(f), self.mesh)
+            k = self.projector.output_dim(self._selection.grad_dim)
+            self._featurize = sharding.shard_featurize(featurize_fn(f), self.mesh, k)
             self._featurize_targets = sharding.shard_featurize(
-                featurize_fn(f, with_out_to_loss=False), self.mesh)
+                featurize_fn(f, with_out_to_loss=False), self.mesh, k)
             self.store.check_config({"grad_dim": self._selection.grad_dim,
                                      "parameters": list(self._selection.paths)})
         else:
@@ -311,7 +316,7 @@ class TRAKer:
         if work is None:
             return
         phi, q = self._featurize(loaded.selected, loaded.rest, loaded.state, loaded.key,
-                                 loaded.cache, sharding.pad_batch(work, self.mesh.size))
+                                 loaded.cache, sharding.pad_batch(work, sharding.batch_shards(self.mesh)))
         phi, q = np.asarray(phi)[: len(rows)], np.asarray(q)[: len(rows)]
         self._check_finite(phi, rows, "projected gradients")
         self._check_finite(q, rows, "out-to-loss gradients")
@@ -461,7 +466,7 @@ class TRAKer:
         if work is None:
             return
         phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state, loaded.key,
-                                         loaded.cache, sharding.pad_batch(work, self.mesh.size))
+                                         loaded.cache, sharding.pad_batch(work, sharding.batch_shards(self.mesh)))
         phi = np.asarray(phi)[: len(rows)]
         self._check_finite(phi, rows, "projected target gradients")
         arrays["grads"][rows] = phi
