@@ -88,8 +88,8 @@ def write_json_new(path: Path, data: dict[str, Any]) -> None:
 
 def _create_array(path: Path, shape: tuple[int, ...], dtype) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # A name of its own per process (not mkstemp: that would make the file 0600).
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
     array.flush()
     del array
