@@ -29,6 +29,8 @@ from .scoring import score_block
 from .store import StoreBusyError
 from .store import StoreWriteError
 from .scoring import trak_scores
+from .sharding import TopK
+from .sharding import default_mesh
 from .tasks import TASKS
 from .tasks import ImageClassification
 from .tasks import ModelOutput
@@ -50,8 +52,10 @@ __all__ = [
     "StoreWriteError",
     "TASKS",
     "TRAKer",
+    "TopK",
     "as_model",
     "callable_model",
+    "default_mesh",
     "featurize",
     "get_task",
     "identity",
