@@ -51,7 +51,7 @@ __all__ = ["TRAKer"]
 logger = logging.getLogger(__name__)
 
 # What rank 0 of a job decided about finalizing one checkpoint (broadcast to every rank).
-_SKIP, _GO, _BUSY = 0, 1, 2
+_SKIP, _GO, _BUSY, _FAILED = 0, 1, 2, 3
 
 
 def fingerprint(*trees) -> str:
@@ -461,8 +461,10 @@ class TRAKer:
         taking the lock themselves (each taking it would deadlock: exclusive flocks of one
         job's processes exclude each other). They only touch the store after the broadcast,
         i.e. while rank 0 holds the lock, so other jobs (featurize, finalize) stay excluded.
-        Every rank raises StoreBusyError when rank 0 could not get the lock, so no rank is
-        left waiting at a barrier. With one process this is simply the exclusive lock.
+        Rank 0 also creates the features temp file before the broadcast. Every rank raises
+        (StoreBusyError when rank 0 could not get the lock, RuntimeError when rank 0 failed
+        otherwise, rank 0 its own error), so no rank is left waiting at a barrier. With one
+        process this is simply the exclusive lock.
         """
         first = jax.process_index() == 0
         with contextlib.ExitStack() as held:
@@ -473,17 +475,31 @@ class TRAKer:
                         model_id, shared=False, doing="finalize_features of"))
                     # another process may have finished it while we looked
                     status = _SKIP if self.store.model_meta(model_id)["finalized"] else _GO
-                except StoreBusyError as err:
-                    status, error = _BUSY, err
+                    if status == _GO:  # before the broadcast: the other ranks write into it
+                        self.store.begin_features(model_id, self.train_set_size,
+                                                  self._stored_proj_dim())
+                except Exception as err:  # every rank must hear of it, or they would hang
+                    status, error = (_BUSY if isinstance(err, StoreBusyError) else _FAILED), err
             status = int(sharding.process_sum(
                 np.array([status if first else 0], np.int32))[0])
+            if error is not None:
+                raise error
             if status == _BUSY:
-                raise error or StoreBusyError(
+                raise StoreBusyError(
                     f"cannot finalize_features of model_id={model_id} in "
                     f"{str(self.save_dir)!r}: process 0 of this job found another process "
                     f"featurizing or finalizing it (locks/model-{model_id}.lock). Wait until "
                     "that process is done, then call again.")
-            yield status == _GO
+            if status == _FAILED:
+                raise RuntimeError(
+                    f"process 0 of this job could not start finalize_features of "
+                    f"model_id={model_id}; its own error says why and what to do.")
+            try:
+                yield status == _GO
+            except BaseException:
+                if first and status == _GO:
+                    self.store.discard_features(model_id)
+                raise
             sharding.barrier()  # rank 0 keeps the lock until every rank is done
 
     def _finalize_one(self, model_id: int, n: int, k: int) -> None:
@@ -503,25 +519,18 @@ class TRAKer:
             )
         grads = self.store.array_path(model_id, "grads")
         mine = sharding.process_rows(n)
-        first = jax.process_index() == 0
-        if first:
-            self.store.begin_features(model_id, n, k)
         gram = sharding.stream_gram(lambda a, b: read_rows(grads, a, b), mine, k,
                                     self.chunk_rows, self.mesh, self.xtx_dtype)
-        gram = sharding.process_sum(gram)  # also waits for rank 0's partial file
-        partial = self.store.features_partial(model_id)
+        gram = sharding.process_sum(gram)
         inverse = inverse_gram(gram, self.lambda_reg,
                                traker_inverse_rescale=self.traker_inverse_rescale)
-        try:
-            sharding.stream_solve(lambda a, b: read_rows(grads, a, b),
-                                  lambda a, values: write_rows(partial, a, values), mine,
-                                  inverse.astype(np.float32), self.chunk_rows, self.mesh)
-        except BaseException:
-            if first:
-                self.store.discard_features(model_id)
-            raise
+        # rank 0 created this file (begin_features) before it broadcast "go"
+        partial = self.store.features_partial(model_id)
+        sharding.stream_solve(lambda a, b: read_rows(grads, a, b),
+                              lambda a, values: write_rows(partial, a, values), mine,
+                              inverse.astype(np.float32), self.chunk_rows, self.mesh)
         sharding.barrier()  # every rank's rows are written (and fsynced)
-        if first:
+        if jax.process_index() == 0:
             self.store.publish_features(model_id)
 
     def _missing_rows(self, done_path, n: int) -> tuple[list[int], int]:
