@@ -200,3 +200,29 @@ def test_project_columns_are_slices_of_the_full_projection():
         columns = jax.jit(lambda k, g, c: project(projector, k, g, col_start=c, num_cols=8))
         part = np.asarray(columns(key, grads, jnp.int32(8)))
         np.testing.assert_allclose(part, full[:, 8:16], rtol=1e-6, atol=1e-6)
+
+
+def test_two_process_finalize_is_refused_on_every_rank_while_the_checkpoint_is_busy(tmp_path):
+    """Rank 0 takes the exclusive finalize lock for the job; when another process holds the
+    checkpoint (here: a featurizer's shared lock), both ranks raise StoreBusyError and
+    neither is left waiting at a barrier."""
+    import time
+
+    save_dir, out, ready = tmp_path / "store", str(tmp_path / "out"), str(tmp_path / "ready")
+    job = subprocess.Popen([sys.executable, "-m", "trax_attr.launch", "--num-processes", "2",
+                            "--timeout", "240", str(ROOT / "tests" / "finalize_busy_worker.py"),
+                            str(save_dir), out, ready], env=_env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(ready):
+            assert job.poll() is None and time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        with Store(save_dir, {}).model_lock(0, shared=True, doing="featurize"):
+            open(ready + ".locked", "w").close()
+            assert job.wait(timeout=240) == 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    for rank in (0, 1):
+        text = Path(f"{out}.{rank}").read_text()
+        assert text.startswith("busy:") and "model_id=0" in text, (rank, text)
