@@ -29,6 +29,8 @@ from .scoring import score_block
 from .store import StoreBusyError
 from .store import StoreWriteError
 from .scoring import trak_scores
+from .sharding import TopK
+from .sharding import default_mesh
 from .tasks import CLIP
 from .tasks import TASKS
 from .tasks import BinaryClassification
@@ -61,9 +63,11 @@ __all__ = [
     "TASKS",
     "TRAKer",
     "TextClassification",
+    "TopK",
     "as_model",
     "callable_model",
     "clip_embedding_bank",
+    "default_mesh",
     "featurize",
     "get_task",
     "identity",

@@ -45,21 +45,23 @@ class Featurizer(NamedTuple):
 
 
 def featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
-    """Build ``fn(selected, rest, state, key, cache, batch) -> (phi, q)``.
+    """Build ``fn(selected, rest, state, key, cache, batch, col_start=0, num_cols=None)
+    -> (phi, q)``.
 
     Args of the returned function:
       selected, rest: the params leaves split by ``f.selection``.
       state: the fixed model state (BatchNorm statistics) or None.
       key: the checkpoint's projection key; cache: its projection cache or None.
       batch: tuple of arrays with a leading batch axis B.
+      col_start, num_cols: only these columns of phi (see :func:`project`).
 
     Returns ``phi (B, k) f32`` and ``q (B,) f32`` (``None`` without out-to-loss). The
     per-example gradients live only inside the function, one leaf at a time.
     """
 
-    def fn(selected, rest, state, key, cache, batch):
+    def fn(selected, rest, state, key, cache, batch, col_start=0, num_cols=None):
         grads = per_example_grads(f.task, f.model, f.selection, selected, rest, state, batch)
-        phi = project(f.projector, key, grads, cache)
+        phi = project(f.projector, key, grads, cache, col_start=col_start, num_cols=num_cols)
         if not with_out_to_loss:
             return phi, None
         q = out_to_loss_fn(f.task, f.model, f.selection)(selected, rest, state, batch)

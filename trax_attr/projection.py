@@ -164,16 +164,20 @@ def _hash(words: jax.Array, rows: jax.Array, cols: jax.Array, stream: int = 0) -
     return _mix(h ^ (cols * jnp.uint32(0x85EBCA77) + words[1] + jnp.uint32(stream * 0x68E31DA4)))
 
 
-def matrix_block(projector: Projector, key: jax.Array, row_start, num_rows: int) -> jax.Array:
+def matrix_block(projector: Projector, key: jax.Array, row_start, num_rows: int,
+                 col_start=0, num_cols: int | None = None) -> jax.Array:
     """Rows ``[row_start, row_start + num_rows)`` of P -> ``(num_rows, k)`` in its dtype.
 
-    ``row_start`` may be traced; ``num_rows`` is static. Not for the identity projector.
+    ``row_start`` and ``col_start`` may be traced; ``num_rows`` and ``num_cols`` (default
+    k: all columns) are static. Not for the identity projector.
     """
     if projector.kind == "identity":
         raise ValueError("the identity projector has no random matrix; use project().")
     words = _key_words(key)
     rows = (jnp.asarray(row_start, jnp.uint32) + jnp.arange(num_rows, dtype=jnp.uint32))[:, None]
-    cols = jnp.arange(projector.proj_dim, dtype=jnp.uint32)[None, :]
+    num_cols = projector.proj_dim if num_cols is None else num_cols
+    cols = (jnp.asarray(col_start, jnp.uint32)
+            + jnp.arange(num_cols, dtype=jnp.uint32))[None, :]
     dtype = jnp.dtype(projector.dtype)
     if projector.kind == "rademacher":
         # ±1 straight from bits: 1.0 with its sign bit taken from the hash's top bit
@@ -236,22 +240,27 @@ def _build_cache(projector, key, leaf_sizes):
 
 
 def _project_leaf(projector: Projector, key, g: jax.Array, offset: int, rows: int,
-                  cached: jax.Array | None) -> jax.Array:
-    """g (B, size) @ P[offset:offset+size] -> (B, k) f32, one block of rows at a time.
+                  cached: jax.Array | None, col_start=0,
+                  num_cols: int | None = None) -> jax.Array:
+    """g (B, size) @ P[offset:offset+size, cols] -> (B, num_cols) f32, one block of rows
+    at a time.
 
-    Blocks come from ``cached`` (this leaf's rows of P) or are generated. Blocking also
-    keeps each matmul's contraction short, which XLA's CPU dot runs markedly faster
-    (measured: 2x at d = 1M) than one dot over the whole leaf.
+    Blocks come from ``cached`` (this leaf's rows of P, already restricted to the columns
+    ``col_start + [0, num_cols)``: a proj-sharded kernel receives the cache column-sliced)
+    or are generated for those columns. Blocking also keeps each matmul's contraction
+    short, which XLA's CPU dot runs markedly faster (measured: 2x at d = 1M) than one dot
+    over the whole leaf.
     """
     size = g.shape[1]
     full, rem = divmod(size, rows)
+    num_cols = projector.proj_dim if num_cols is None else num_cols
 
     def block_of(start, num):
         if cached is None:
-            return matrix_block(projector, key, offset + start, num)
+            return matrix_block(projector, key, offset + start, num, col_start, num_cols)
         return jax.lax.dynamic_slice_in_dim(cached, start, num, axis=0)
 
-    acc = jnp.zeros((g.shape[0], projector.proj_dim), jnp.float32)
+    acc = jnp.zeros((g.shape[0], num_cols), jnp.float32)
     if full:
         def body(i, acc):
             g_block = jax.lax.dynamic_slice_in_dim(g, i * rows, rows, axis=1)
@@ -266,7 +275,8 @@ def _project_leaf(projector: Projector, key, g: jax.Array, offset: int, rows: in
 
 
 def project(projector: Projector, key: jax.Array, grads: tuple[jax.Array, ...],
-            cache: tuple[jax.Array, ...] | None = None) -> jax.Array:
+            cache: tuple[jax.Array, ...] | None = None, *, col_start=0,
+            num_cols: int | None = None) -> jax.Array:
     """φ = Pᵀ g / √d for a batch of per-example gradients given leaf by leaf.
 
     Args:
@@ -274,10 +284,13 @@ def project(projector: Projector, key: jax.Array, grads: tuple[jax.Array, ...],
       key: the checkpoint's key, :func:`projection_key`.
       grads: ``((B, size_l), ...)``, the gradient split by parameter leaf; d = Σ size_l.
         The (B, d) gradient is never concatenated for random projectors.
-      cache: optional :func:`projection_cache` of the same key and leaf sizes.
+      cache: optional :func:`projection_cache` of the same key and leaf sizes (only the
+        columns ``col_start + [0, num_cols)`` of it when those are given).
+      col_start, num_cols: compute only these columns of φ (``col_start`` may be traced);
+        this is how proj_dim is split over devices. Default: all k.
 
     Returns:
-      ``(B, k)`` float32 projected gradients.
+      ``(B, num_cols)`` float32 projected gradients (``(B, k)`` by default).
     """
     sizes = [g.shape[1] for g in grads]
     d = sum(sizes)
@@ -286,11 +299,12 @@ def project(projector: Projector, key: jax.Array, grads: tuple[jax.Array, ...],
         return jnp.concatenate([g.astype(jnp.float32) for g in grads], axis=1) * norm
     dtype = jnp.dtype(projector.dtype)
     rows = projector.rows_per_block(d)
-    acc = jnp.zeros((grads[0].shape[0], projector.proj_dim), jnp.float32)
+    num_cols = projector.proj_dim if num_cols is None else num_cols
+    acc = jnp.zeros((grads[0].shape[0], num_cols), jnp.float32)
     offset = 0
     for i, g in enumerate(grads):
         g = g.astype(dtype)
         cached = None if cache is None else cache[i]
-        acc = acc + _project_leaf(projector, key, g, offset, rows, cached)
+        acc = acc + _project_leaf(projector, key, g, offset, rows, cached, col_start, num_cols)
         offset += sizes[i]
     return acc * norm

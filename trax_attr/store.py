@@ -31,7 +31,9 @@ Rules, and the fault each one answers:
 * A finished array (features, scores) is written under a temp name, fsynced and renamed;
   its size and blake2b digest are recorded in the metadata in the same atomic write that
   marks it finished, and verified whenever it is opened. A half-written or altered array
-  is never used.
+  is never used. features.npy may be written by several processes of one jax.distributed
+  job (each its own rows, with :func:`write_rows`, plain fsynced file writes) into one
+  temp file that the job's rank 0, the holder of the exclusive lock, creates and publishes.
 * Writers take flock(2) locks in ``locks/``: featurize and score share a lock on their
   checkpoint or experiment; finalize_features and finalize_scores need it exclusively and
   are refused (:class:`StoreBusyError`) while another process writes there.
@@ -159,6 +161,54 @@ def _repair_hint(path: Path) -> str:
             "checkpoints and experiments are not affected).")
 
 
+def _rows_layout(path: Path) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(data offset, shape, dtype) of a C-order .npy file whose size matches its header."""
+    try:
+        shape, dtype, fortran, offset = _read_header(path)
+    except (ValueError, EOFError) as err:
+        raise ValueError(f"{str(path)!r} is not a readable .npy array ({err}); it is truncated "
+                         "or corrupted.") from None
+    if fortran:
+        raise ValueError(f"{path} is stored in Fortran order; rows cannot be streamed.")
+    return offset, shape, dtype
+
+
+def read_rows(path: Path, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` of a C-order .npy file, read with plain file IO.
+
+    Unlike a memmap, the pages read do not stay in the process's resident memory, so a
+    loop over chunks uses memory bounded by the chunk, whatever the file's size.
+    """
+    offset, shape, dtype = _rows_layout(path)
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    stop = min(stop, shape[0])
+    out = np.empty((max(stop - start, 0),) + tuple(shape[1:]), dtype)
+    with open(path, "rb") as handle:
+        handle.seek(offset + start * row * dtype.itemsize)
+        handle.readinto(memoryview(out.reshape(-1)).cast("B"))
+    return out
+
+
+def write_rows(path: Path, start: int, values: np.ndarray) -> None:
+    """Write ``values`` as rows ``start...`` of an existing .npy file, flushed to disk.
+
+    Only these bytes are written (plain file IO, no memory map), so processes on several
+    hosts writing disjoint rows do not clobber each other (local or cluster file systems
+    with POSIX write semantics). A failed write raises :class:`StoreWriteError`.
+    """
+    offset, shape, dtype = _rows_layout(path)
+    values = np.ascontiguousarray(values, dtype)
+    if values.shape[1:] != tuple(shape[1:]) or start < 0 or start + len(values) > shape[0]:
+        raise ValueError(f"rows {start}..{start + len(values)} of shape {values.shape[1:]} do "
+                         f"not fit {path} of shape {shape}.")
+    row = int(np.prod(shape[1:], dtype=np.int64))
+    with _writing(path, "rows"), open(path, "r+b") as handle:
+        handle.seek(offset + start * row * dtype.itemsize)
+        handle.write(memoryview(values.reshape(-1)).cast("B"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
 def file_record(path: Path) -> dict[str, Any]:
     """``{"bytes": size, "blake2b": hex digest}`` of a file, read in 16 MiB chunks."""
     digest = hashlib.blake2b(digest_size=16)
@@ -247,6 +297,9 @@ class Store:
     """
 
     def __init__(self, root: str | os.PathLike, config: dict[str, Any]):
+        # Several processes (one jax.distributed job, or independent ones) may open one
+        # store at once: store.json is created and extended only under the ``meta`` lock,
+        # re-read inside it, so no process ever replaces another's settings.
         self.root = Path(root)
         self._real_root = self.root.resolve()
         meta_path = self.root / "store.json"
@@ -378,6 +431,10 @@ class Store:
                              + _repair_hint(path))
         return meta
 
+    def array_path(self, model_id: int, name: str) -> Path:
+        """Path of a checkpoint's array file (``grads``, ``out_to_loss``, ``done``...)."""
+        return self._inside(self.model_dir(model_id) / f"{check_name('array', name)}.npy")
+
     def write_model_meta(self, model_id: int, meta: dict[str, Any]) -> None:
         with self.lock("meta", wait=True):
             write_json_atomic(self.model_dir(model_id) / "meta.json", meta)
@@ -452,28 +509,69 @@ class Store:
         Call under :meth:`model_lock` (exclusive). The sizes and digests of features, grads
         and out_to_loss are recorded in the same atomic metadata write as the flag.
         """
-        folder = self.model_dir(model_id)
-        final = folder / "features.npy"
-        for stale in folder.glob(".features.npy.*.partial"):
-            stale.unlink()  # left by a killed finalize; we hold the exclusive lock
-        with _writing(final, "features"):
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".features.npy.", suffix=".partial")
-            os.close(fd)
-            try:
-                array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, k))
-                _reserve(Path(tmp))
+        tmp = self.begin_features(model_id, n, k)
+        try:
+            with _writing(tmp, "features"):
+                array = _open_memmap(tmp, "r+")
                 fill(array)
                 array.flush()
                 del array
+        except BaseException:
+            self.discard_features(model_id)
+            raise
+        self.publish_features(model_id)
+
+    def features_partial(self, model_id: int) -> Path:
+        # One fixed name, not mkstemp: in a multi-process finalize (TRAKer with
+        # jax.distributed) every process writes its rows into this file, so they must all
+        # find it. Only the holder of the exclusive model lock creates, publishes or removes
+        # it, so the fixed name cannot collide.
+        return self.model_dir(model_id) / ".features.npy.writing.partial"
+
+    def begin_features(self, model_id: int, n: int, k: int) -> Path:
+        """Create the zeroed, block-reserved features file under its temp name; its path.
+
+        Call under :meth:`model_lock` (exclusive). Rows are then written with
+        :func:`write_rows` (by any process of the job), and :meth:`publish_features` finishes.
+        """
+        folder = self.model_dir(model_id)
+        tmp = self.features_partial(model_id)
+        with _writing(tmp, "features"):
+            for stale in folder.glob(".features.npy.*.partial"):
+                stale.unlink()  # left by a killed finalize; we hold the exclusive lock
+            try:
+                np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, k)).flush()
+                _reserve(tmp)
+            except BaseException:
+                if tmp.exists():
+                    tmp.unlink()
+                raise
+        return tmp
+
+    def discard_features(self, model_id: int) -> None:
+        """Remove an unfinished features file (after a failed finalize)."""
+        tmp = self.features_partial(model_id)
+        if tmp.exists():
+            tmp.unlink()
+
+    def publish_features(self, model_id: int) -> None:
+        """fsync the features file, record its size and digest (and those of grads and
+        out_to_loss), rename it to features.npy and mark the checkpoint finalized, in one
+        atomic metadata write. Call under :meth:`model_lock` (exclusive)."""
+        folder = self.model_dir(model_id)
+        tmp = self.features_partial(model_id)
+        final = folder / "features.npy"
+        with _writing(final, "features"):
+            try:
                 with open(tmp, "rb+") as handle:
                     os.fsync(handle.fileno())
-                records = {"features.npy": file_record(Path(tmp)),
+                records = {"features.npy": file_record(tmp),
                            "grads.npy": file_record(folder / "grads.npy"),
                            "out_to_loss.npy": file_record(folder / "out_to_loss.npy")}
                 os.replace(tmp, final)
             except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                if tmp.exists():
+                    tmp.unlink()
                 raise
         with self.lock("meta", wait=True):
             meta = self.model_meta(model_id)
@@ -507,8 +605,11 @@ class Store:
                     return
                 for stale in path.parent.glob(f".{path.name}.*.tmp"):
                     stale.unlink()
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-                os.close(fd)
+                # Creation is serialized by the ``create`` lock (so a second process never
+                # replaces a file another one already writes rows to). The temp name is
+                # per process but not from mkstemp, whose 0600 mode would stay on the file
+                # and lock out the other users of a shared store.
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
                 try:
                     array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
                     array.flush()

@@ -22,6 +22,7 @@ store.py. Every step is resumable: rows already on disk are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -39,14 +40,18 @@ from .checks import (NonFiniteError, NonFiniteWarning, check_labels, check_nonfi
                      nonfinite_rows, num_classes)
 from .features import Featurizer, featurize_fn, host_featurize_fn, inverse_gram
 from .gradients import GradWrt, Selection, select
+from . import sharding
 from .models import Model, as_model
 from .projection import Projector, get_projector, projection_cache, projection_key
-from .store import Store, check_model_id
+from .store import Store, StoreBusyError, check_model_id, read_rows, write_rows
 from .tasks import ModelOutput, get_task
 
 __all__ = ["TRAKer"]
 
 logger = logging.getLogger(__name__)
+
+# What rank 0 of a job decided about finalizing one checkpoint (broadcast to every rank).
+_SKIP, _GO, _BUSY, _FAILED = 0, 1, 2, 3
 
 
 def fingerprint(*trees) -> str:
@@ -119,6 +124,10 @@ class TRAKer:
         function) or ``"torch"`` (per-example gradients in torch with torch.func).
       progress: show a tqdm progress bar (rows and rows/s) per checkpoint while
         featurizing and scoring; off by default.
+      mesh: the ``jax.sharding.Mesh`` of this process's devices that batches, XᵀX and
+        scores are split over (see :mod:`trax_attr.sharding`); None: all local devices.
+        Results do not depend on it. Several processes (jax.distributed) share one store:
+        each featurizes its own rows (``inds=``), all call finalize_features.
     """
 
     def __init__(self, model, task: str | ModelOutput = "image_classification",
@@ -126,7 +135,7 @@ class TRAKer:
                  proj_dim: int = 2048, projector: str | Projector = "rademacher", seed: int = 0,
                  lambda_reg: float = 0.0, grad_wrt: GradWrt = None, proj_dtype=jnp.bfloat16,
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
-                 chunk_rows: int = 16384, nonfinite: str = "raise",
+                 chunk_rows: int = 16384, nonfinite: str = "raise", mesh=None,
                  backend: str | None = None, progress: bool = False):
         if (isinstance(train_set_size, bool) or not isinstance(train_set_size, (int, np.integer))
                 or train_set_size < 1):
@@ -154,6 +163,11 @@ class TRAKer:
         self.chunk_rows = int(chunk_rows)
         self.nonfinite = check_nonfinite_mode(nonfinite)
         self._num_classes: int | None = None
+        self.mesh = sharding.check_mesh(mesh)
+        if sharding.PROJ_AXIS in self.mesh.axis_names and self.projector.kind == "identity":
+            raise ValueError(
+                f"mesh has a {sharding.PROJ_AXIS!r} axis, which splits proj_dim over devices, "
+                "but the identity projector has no proj_dim to split; use a mesh without it.")
         self.store = Store(save_dir, {
             "train_set_size": self.train_set_size,
             "task": _describe_task(self.task),
@@ -195,10 +209,13 @@ class TRAKer:
         if self._selection is None:
             self._selection = select(params, self.grad_wrt)
             f = Featurizer(self.task, self.model, self._selection, self.projector)
+            k = self.projector.output_dim(self._selection.grad_dim)
             if self.model.host_grads is None:
-                self._featurize = jax.jit(featurize_fn(f))
-                self._featurize_targets = jax.jit(featurize_fn(f, with_out_to_loss=False))
+                self._featurize = sharding.shard_featurize(featurize_fn(f), self.mesh, k)
+                self._featurize_targets = sharding.shard_featurize(
+                    featurize_fn(f, with_out_to_loss=False), self.mesh, k)
             else:
+                # gradients come from the host (torch); only their projection is jitted
                 self._featurize = host_featurize_fn(f)
                 self._featurize_targets = host_featurize_fn(f, with_out_to_loss=False)
             self.store.check_config({
@@ -405,7 +422,8 @@ class TRAKer:
 
     def _featurize_rows(self, loaded: _Loaded, work, rows, arrays) -> None:
         phi, q = self._featurize(loaded.selected, loaded.rest, loaded.state, loaded.key,
-                                 loaded.cache, tuple(jnp.asarray(a) for a in work))
+                                 loaded.cache,
+                                 sharding.pad_batch(work, sharding.batch_shards(self.mesh)))
         results, flags = self._finish_rows(
             rows, work, {"projected gradients": np.asarray(phi)[: len(rows)],
                                "out-to-loss values (from the model outputs)":
@@ -446,7 +464,12 @@ class TRAKer:
         Args:
           model_ids: the checkpoints to finalize; all featurized ones by default.
             Already finalized checkpoints are kept as they are.
+
+        The store is streamed in ``chunk_rows`` chunks. With several processes every one of
+        them calls this: each sums XᵀX over its :func:`~trax_attr.sharding.process_rows`,
+        the sums are gathered, and each writes Φ·A for its rows.
         """
+        sharding.barrier()  # every process has written its rows
         ids = self.store.model_ids() if model_ids is None else [check_model_id(i) for i in model_ids]
         if not ids:
             raise ValueError("nothing to finalize: no checkpoint has been featurized in "
@@ -458,36 +481,106 @@ class TRAKer:
             if meta is None:
                 raise ValueError(f"model_id={model_id} was never featurized; featurized ids are "
                                  f"{self.store.model_ids()}.")
-            if meta["finalized"]:
-                continue
-            with self.store.model_lock(model_id, shared=False, doing="finalize_features of"):
-                if self.store.model_meta(model_id)["finalized"]:
-                    continue  # another process finished it while we looked
-                self._finalize_one(model_id, n, k)
-            logger.info("finalized features of model_id=%d (n=%d, k=%d)", model_id, n, k)
+            if meta["finalized"] and jax.process_count() == 1:
+                continue  # no lock needed: a finalized read-only store can be scored
+            with self._finalize_lock(model_id) as go:
+                if go:
+                    self._finalize_one(model_id, n, k)
+                    logger.info("finalized features of model_id=%d (n=%d, k=%d)",
+                                model_id, n, k)
+
+    @contextlib.contextmanager
+    def _finalize_lock(self, model_id: int):
+        """Exclusive finalize lock of ``model_id`` for this whole jax.distributed job.
+
+        Yields whether to finalize (False: it is finalized already). One process, rank 0,
+        takes the store's exclusive flock for the job and the decision it reaches is
+        broadcast: the other ranks of the job write their rows of features.npy without
+        taking the lock themselves (each taking it would deadlock: exclusive flocks of one
+        job's processes exclude each other). They only touch the store after the broadcast,
+        i.e. while rank 0 holds the lock, so other jobs (featurize, finalize) stay excluded.
+        Rank 0 also creates the features temp file before the broadcast. Every rank raises
+        (StoreBusyError when rank 0 could not get the lock, RuntimeError when rank 0 failed
+        otherwise, rank 0 its own error), so no rank is left waiting at a barrier. With one
+        process this is simply the exclusive lock.
+        """
+        first = jax.process_index() == 0
+        with contextlib.ExitStack() as held:
+            status, error = _SKIP, None
+            if first:
+                try:
+                    held.enter_context(self.store.model_lock(
+                        model_id, shared=False, doing="finalize_features of"))
+                    # another process may have finished it while we looked
+                    status = _SKIP if self.store.model_meta(model_id)["finalized"] else _GO
+                    if status == _GO:  # before the broadcast: the other ranks write into it
+                        self.store.begin_features(model_id, self.train_set_size,
+                                                  self._stored_proj_dim())
+                except Exception as err:  # every rank must hear of it, or they would hang
+                    status, error = (_BUSY if isinstance(err, StoreBusyError) else _FAILED), err
+            status = int(sharding.process_sum(
+                np.array([status if first else 0], np.int32))[0])
+            if error is not None:
+                raise error
+            if status == _BUSY:
+                raise StoreBusyError(
+                    f"cannot finalize_features of model_id={model_id} in "
+                    f"{str(self.save_dir)!r}: process 0 of this job found another process "
+                    f"featurizing or finalizing it (locks/model-{model_id}.lock). Wait until "
+                    "that process is done, then call again.")
+            if status == _FAILED:
+                raise RuntimeError(
+                    f"process 0 of this job could not start finalize_features of "
+                    f"model_id={model_id}; its own error says why and what to do.")
+            try:
+                yield status == _GO
+            except BaseException:
+                if first and status == _GO:
+                    self.store.discard_features(model_id)
+                raise
+            sharding.barrier()  # rank 0 keeps the lock until every rank is done
 
     def _finalize_one(self, model_id: int, n: int, k: int) -> None:
-        arrays = self.store.model_arrays(model_id, n, k, mode="r")
-        missing = np.flatnonzero(arrays["done"] == 0)
-        if missing.size:
+        """Stream XᵀX over this process's rows, sum it over processes, write Φ·A rows.
+
+        Every rank reads the whole done bitmap, so all of them raise the same error on
+        missing rows (none waits at a barrier for a rank that has given up).
+        """
+        done = self.store.array_path(model_id, "done")
+        if done.exists():  # shapes, dtypes, and no done flags without their values
+            self.store.model_arrays(model_id, n, k, mode="r")
+        missing, count = self._missing_rows(done, n)
+        if count:
             raise ValueError(
-                f"model_id={model_id} is missing {missing.size} of {n} training rows (e.g. "
-                f"{missing[:8].tolist()}); featurize them before finalize_features."
+                f"model_id={model_id} is missing {count} of {n} training rows (e.g. "
+                f"{missing}); featurize them before finalize_features."
             )
-        grads = arrays["grads"]
-        gram = np.zeros((k, k), self.xtx_dtype)
-        for start in range(0, n, self.chunk_rows):
-            block = np.asarray(grads[start:start + self.chunk_rows], self.xtx_dtype)
-            gram += block.T @ block
+        grads = self.store.array_path(model_id, "grads")
+        mine = sharding.process_rows(n)
+        gram = sharding.stream_gram(lambda a, b: read_rows(grads, a, b), mine, k,
+                                    self.chunk_rows, self.mesh, self.xtx_dtype)
+        gram = sharding.process_sum(gram)
         inverse = inverse_gram(gram, self.lambda_reg,
                                traker_inverse_rescale=self.traker_inverse_rescale)
-        inverse = inverse.astype(np.float32)
+        # rank 0 created this file (begin_features) before it broadcast "go"
+        partial = self.store.features_partial(model_id)
+        sharding.stream_solve(lambda a, b: read_rows(grads, a, b),
+                              lambda a, values: write_rows(partial, a, values), mine,
+                              inverse.astype(np.float32), self.chunk_rows, self.mesh)
+        sharding.barrier()  # every rank's rows are written (and fsynced)
+        if jax.process_index() == 0:
+            self.store.publish_features(model_id)
 
-        def fill(features):
-            for start in range(0, n, self.chunk_rows):
-                features[start:start + self.chunk_rows] = grads[start:start + self.chunk_rows] @ inverse
-
-        self.store.finalize_model(model_id, n, k, fill)
+    def _missing_rows(self, done_path, n: int) -> tuple[list[int], int]:
+        """(first few missing rows, how many) of a done bitmap, read in chunks."""
+        if not done_path.exists():
+            return list(range(min(n, 8))), n
+        first, count = [], 0
+        for start in range(0, n, self.chunk_rows):
+            todo = np.flatnonzero(read_rows(done_path, start, start + self.chunk_rows) == 0)
+            count += todo.size
+            first.extend((todo[: 8 - len(first)] + start).tolist())
+        return first, count
 
     def _stored_proj_dim(self) -> int:
         if self._selection is not None:
@@ -565,7 +658,8 @@ class TRAKer:
                 self._advance(label, arrays["done"], 0)
                 phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state,
                                                  loaded.key, loaded.cache,
-                                                 tuple(jnp.asarray(a) for a in work))
+                                                 sharding.pad_batch(
+                                                     work, sharding.batch_shards(self.mesh)))
                 results, flags = self._finish_rows(
                     rows, work, {"projected target gradients": np.asarray(phi)[: len(rows)]}, "target")
                 (phi,) = results.values()
@@ -574,7 +668,8 @@ class TRAKer:
         s["cursor"] = int(inds.max()) + 1 if inds.size else s["cursor"]
 
     def finalize_scores(self, exp_name: str, model_ids: Sequence[int] | None = None,
-                        allow_skip: bool = False) -> np.ndarray:
+                        allow_skip: bool = False, *, top_k: int | None = None,
+                        target_chunk: int = 4096):
         """Average the checkpoints' scores of ``exp_name`` and weight them by mean Q.
 
         Args:
@@ -582,15 +677,29 @@ class TRAKer:
           model_ids: checkpoints to use; all scored ones by default.
           allow_skip: skip (with a warning) checkpoints whose targets are incomplete,
             instead of raising.
+          top_k: None for every score; an integer k to keep only the k strongest
+            proponents and opponents of each target, never forming the (n, m) matrix, so
+            memory is bounded by ``chunk_rows × target_chunk`` (for millions of rows).
+          target_chunk: targets scored at once in top-k mode.
 
         Returns:
           ``(train_set_size, num_targets)`` float32 scores, also saved as
-          ``experiments/<exp_name>/scores.npy``.
+          ``experiments/<exp_name>/scores.npy``; with ``top_k``, a
+          :class:`~trax_attr.sharding.TopK` of ``(num_targets, top_k)`` arrays (not saved).
         """
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(
+                top_k, (int, np.integer)) or not 1 <= top_k <= self.train_set_size):
+            raise ValueError(
+                f"top_k must be None (all scores) or an integer in [1, train_set_size="
+                f"{self.train_set_size}], got {top_k!r}.")
+        if isinstance(target_chunk, bool) or not isinstance(target_chunk, (int, np.integer)) \
+                or target_chunk < 1:
+            raise ValueError(f"target_chunk must be a positive integer, got {target_chunk!r}.")
         with self.store.experiment_lock(exp_name, shared=False, doing="finalize_scores of"):
-            return self._finalize_scores(exp_name, model_ids, allow_skip)
+            return self._finalize_scores(exp_name, model_ids, allow_skip, top_k,
+                                         int(target_chunk))
 
-    def _finalize_scores(self, exp_name, model_ids, allow_skip) -> np.ndarray:
+    def _finalize_scores(self, exp_name, model_ids, allow_skip, top_k, target_chunk):
         exp = self.store.experiment_meta(exp_name)
         if exp is None:
             raise ValueError(
@@ -616,15 +725,25 @@ class TRAKer:
             used.append(model_id)
         if not used:
             raise ValueError(f"experiment {exp_name!r} has no checkpoint with all targets scored.")
-        scores = np.zeros((n, m), np.float32)
-        out_to_loss = np.zeros(n, np.float64)
+        targets = np.stack([np.asarray(self.store.target_arrays(exp_name, model_id, m, k,
+                                                                mode="r")["grads"])
+                            for model_id in used])
         for model_id in used:
-            targets = np.asarray(self.store.target_arrays(exp_name, model_id, m, k,
-                                                          mode="r")["grads"])
-            features = self.store.features(model_id, n, k)
-            for start in range(0, n, self.chunk_rows):
-                scores[start:start + self.chunk_rows] += features[start:start + self.chunk_rows] @ targets.T
-            out_to_loss += self.store.out_to_loss(model_id, n)
-        scores *= (out_to_loss / len(used) ** 2).astype(np.float32)[:, None]
-        self.store.save_scores(exp_name, scores, used)
-        return scores
+            # verified against the size and digest recorded by finalize_features
+            self.store.features(model_id, n, k)
+            self.store.out_to_loss(model_id, n)
+        features = [self.store.array_path(model_id, "features") for model_id in used]
+        out_to_loss = [self.store.array_path(model_id, "out_to_loss") for model_id in used]
+
+        def read_features(start, stop):
+            return np.stack([read_rows(path, start, stop) for path in features])
+
+        def read_weights(start, stop):
+            total = sum(read_rows(path, start, stop).astype(np.float64) for path in out_to_loss)
+            return (total / len(used) ** 2).astype(np.float32)
+
+        result = sharding.stream_scores(read_features, read_weights, targets, n, self.chunk_rows,
+                                        self.mesh, top_k=top_k, target_chunk=target_chunk)
+        if top_k is None:
+            self.store.save_scores(exp_name, result, used)
+        return result

@@ -1,0 +1,228 @@
+"""Scale-out: 1 vs 8 devices, 2 processes vs 1, streamed top-k, multi-process store files."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from trax_attr import sharding
+from trax_attr.store import Store, read_rows, write_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(**extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+def _close(actual, expected, rtol):
+    """rtol relative to the scores' scale: entries near 0 differ by float32 rounding of the
+    (equal up to ulps) features, which a pure elementwise rtol cannot absorb."""
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+def _closed_form(grads, q, targets, lambda_reg):
+    """float64 τ = mean_m(Φ_m (Φ_mᵀΦ_m + λI)⁻¹ φ_mᵀ) · mean_m(Q_m) from the stored rows."""
+    grads, targets = grads.astype(np.float64), targets.astype(np.float64)
+    k = grads.shape[2]
+    per_model = [g @ np.linalg.solve(g.T @ g + lambda_reg * np.eye(k), t.T)
+                 for g, t in zip(grads, targets)]
+    return np.mean(per_model, 0) * q.astype(np.float64).mean(0)[:, None]
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eight")
+    out = root / "results.npz"
+    subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), str(out),
+                    str(root)], env=_env(JAX_NUM_CPU_DEVICES="8"), check=True, timeout=300)
+    return dict(np.load(out))
+
+
+@pytest.mark.parametrize("mesh", ["eight", "grid", "proj", "projgen"])
+def test_eight_devices_match_one_device(eight_devices, mesh):
+    r = eight_devices
+    _close(r[f"{mesh}_scores"], r["one_scores"], 1e-5)
+    np.testing.assert_array_equal(r[f"{mesh}_proponents"], r["one_proponents"])
+    np.testing.assert_array_equal(r[f"{mesh}_opponents"], r["one_opponents"])
+    _close(r[f"{mesh}_proponent_scores"], r["one_proponent_scores"], 1e-5)
+    _close(r[f"{mesh}_opponent_scores"], r["one_opponent_scores"], 1e-5)
+
+
+def test_sharded_scores_match_float64_closed_form(eight_devices):
+    r = eight_devices
+    expected = _closed_form(r["eight_grads"], r["eight_q"], r["eight_targets"], 0.05)
+    _close(r["eight_scores"], expected, 1e-4)
+
+
+def test_top_k_matches_sorting_the_dense_scores(eight_devices):
+    r = eight_devices
+    scores = r["eight_scores"].astype(np.float64)
+    order = np.argsort(-scores, axis=0, kind="stable")[:7].T          # (m, 7)
+    np.testing.assert_array_equal(r["eight_proponents"], order)
+    np.testing.assert_allclose(r["eight_proponent_scores"],
+                               np.take_along_axis(scores.T, order, 1), rtol=1e-6)
+    low = np.argsort(scores, axis=0, kind="stable")[:7].T
+    np.testing.assert_array_equal(r["eight_opponents"], low)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    results = {}
+    for count in (2, 1):
+        out = tmp_path / f"p{count}.npz"
+        subprocess.run([sys.executable, "-m", "trax_attr.launch", "--num-processes", str(count),
+                        "--timeout", "240", str(ROOT / "examples" / "multihost.py"),
+                        "--save-dir", str(tmp_path / f"store{count}"), "--out", str(out)],
+                       env=_env(), check=True, timeout=300, cwd=ROOT)
+        results[count] = dict(np.load(out))
+    two, one = results[2], results[1]
+    _close(two["scores"], one["scores"], 1e-5)
+    np.testing.assert_array_equal(two["proponents"], one["proponents"])
+    np.testing.assert_array_equal(two["opponents"], one["opponents"])
+    _close(two["proponent_scores"], one["proponent_scores"], 1e-5)
+
+
+def test_stream_scores_top_k_against_numpy():
+    """Streaming top-k with chunks that split rows and targets unevenly, on this process's mesh."""
+    rng = np.random.default_rng(1)
+    n, m, k = 517, 23, 16
+    feats = rng.normal(size=(2, n, k)).astype(np.float32)
+    weights = rng.uniform(0.1, 1, n).astype(np.float32)
+    targets = rng.normal(size=(2, m, k)).astype(np.float32)
+    mesh = sharding.default_mesh()
+    read_f = lambda a, b: feats[:, a:b]  # noqa: E731
+    read_w = lambda a, b: weights[a:b]  # noqa: E731
+    dense = sharding.stream_scores(read_f, read_w, targets, n, 100, mesh)
+    expected = np.einsum("ank,amk->nm", feats.astype(np.float64), targets) * weights[:, None]
+    _close(dense, expected, 1e-5)
+    top = sharding.stream_scores(read_f, read_w, targets, n, 100, mesh, top_k=5, target_chunk=7)
+    np.testing.assert_array_equal(top.proponents, np.argsort(-expected, 0)[:5].T)
+    np.testing.assert_array_equal(top.opponents, np.argsort(expected, 0)[:5].T)
+    _close(top.opponent_scores, np.sort(expected, 0)[:5].T, 1e-5)
+    assert top.proponents.shape == (m, 5) and top.proponent_scores.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stream_gram_against_numpy(dtype):
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(301, 12)).astype(np.float32)
+    gram = sharding.stream_gram(lambda a, b: x[a:b], range(7, 301), 12, 50,
+                                sharding.default_mesh(), dtype)
+    assert gram.dtype == dtype
+    ref = x[7:].astype(np.float64).T @ x[7:].astype(np.float64)
+    np.testing.assert_allclose(gram, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_rows_io_and_no_clobber(tmp_path):
+    path = tmp_path / "a.npy"
+    np.save(path, np.zeros((10, 3), np.float32))
+    write_rows(path, 4, np.ones((2, 3), np.float32))
+    write_rows(path, 0, np.full((1, 3), 2, np.float32))
+    expected = np.zeros((10, 3), np.float32)
+    expected[4:6], expected[0] = 1, 2
+    np.testing.assert_array_equal(np.load(path), expected)
+    np.testing.assert_array_equal(read_rows(path, 3, 6), expected[3:6])
+    with pytest.raises(ValueError, match="do not fit"):
+        write_rows(path, 9, np.ones((2, 3), np.float32))
+    # Another process opening the same array must not replace it by a fresh zero file
+    # (creation is serialized under the store's "create" lock). Own Store, own descriptors.
+    first, second = Store(tmp_path / "s", {}), Store(tmp_path / "s", {})
+    shared = tmp_path / "s" / "models" / "0" / "grads.npy"
+    first.open_array(shared, (10, 3), np.float32)
+    write_rows(shared, 0, expected)
+    second.open_array(shared, (10, 3), np.float32)
+    np.testing.assert_array_equal(read_rows(shared, 0, 10), expected)
+
+
+def test_process_rows_tile_the_range():
+    parts = [sharding.process_rows(10, i, 3) for i in range(3)]
+    assert [list(p) for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert sharding.process_rows(10) == range(10)  # one process here
+
+
+def test_pad_batch_repeats_a_real_row():
+    x, y = np.arange(10.0).reshape(5, 2), np.arange(5)
+    px, py = sharding.pad_batch((x, y), 4)
+    assert px.shape == (8, 2) and (px[5:] == x[0]).all() and (py[:5] == y).all()
+    assert sharding.pad_batch((x, y), 5)[0] is x
+
+
+def test_check_mesh_errors():
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        sharding.check_mesh("data")
+    assert sharding.check_mesh(None).size == jax.local_device_count()
+
+
+def test_finalize_scores_rejects_bad_top_k(tmp_path):
+    import trax_attr
+
+    traker = trax_attr.TRAKer(model=lambda p, x: x @ p, train_set_size=5, save_dir=tmp_path)
+    with pytest.raises(ValueError, match="top_k must be"):
+        traker.finalize_scores("t", top_k=6)
+
+
+def test_sharded_featurize_compiles_once_per_shape():
+    import chex
+    import jax.numpy as jnp
+
+    @chex.assert_max_traces(n=1)
+    def fn(selected, rest, state, key, cache, batch):
+        (w,), (x,) = selected, batch
+        return x @ w, jnp.sum(x, axis=1)
+
+    sharded = sharding.shard_featurize(fn, sharding.default_mesh())
+    w = np.ones((3, 2), np.float32)
+    for seed in range(3):
+        x = np.random.default_rng(seed).normal(size=(8, 3)).astype(np.float32)
+        phi, q = sharded((w,), (), None, None, None, (x,))
+        np.testing.assert_allclose(np.asarray(phi), x @ w, rtol=1e-6)
+
+
+def test_project_columns_are_slices_of_the_full_projection():
+    import jax.numpy as jnp
+
+    from trax_attr.projection import normal, project, projection_key, rademacher
+
+    rng = np.random.default_rng(3)
+    grads = (jnp.asarray(rng.normal(size=(4, 37)), jnp.float32),
+             jnp.asarray(rng.normal(size=(4, 20)), jnp.float32))
+    for projector in (rademacher(24, dtype=jnp.float32, block_rows=8),
+                      normal(24, dtype=jnp.float32, block_rows=8)):
+        key = projection_key(0, 3)
+        full = np.asarray(jax.jit(project, static_argnums=0)(projector, key, grads))
+        columns = jax.jit(lambda k, g, c: project(projector, k, g, col_start=c, num_cols=8))
+        part = np.asarray(columns(key, grads, jnp.int32(8)))
+        np.testing.assert_allclose(part, full[:, 8:16], rtol=1e-6, atol=1e-6)
+
+
+def test_two_process_finalize_is_refused_on_every_rank_while_the_checkpoint_is_busy(tmp_path):
+    """Rank 0 takes the exclusive finalize lock for the job; when another process holds the
+    checkpoint (here: a featurizer's shared lock), both ranks raise StoreBusyError and
+    neither is left waiting at a barrier."""
+    import time
+
+    save_dir, out, ready = tmp_path / "store", str(tmp_path / "out"), str(tmp_path / "ready")
+    job = subprocess.Popen([sys.executable, "-m", "trax_attr.launch", "--num-processes", "2",
+                            "--timeout", "240", str(ROOT / "tests" / "finalize_busy_worker.py"),
+                            str(save_dir), out, ready], env=_env(), cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.exists(ready):
+            assert job.poll() is None and time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.05)
+        with Store(save_dir, {}).model_lock(0, shared=True, doing="featurize"):
+            open(ready + ".locked", "w").close()
+            assert job.wait(timeout=240) == 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    for rank in (0, 1):
+        text = Path(f"{out}.{rank}").read_text()
+        assert text.startswith("busy:") and "model_id=0" in text, (rank, text)
