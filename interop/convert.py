@@ -9,7 +9,7 @@ BatchNorm uses its running statistics, dropout is the identity.
 Why our own interpreter: torchax 0.0.13 does not import with torch 2.13 (its op table
 refers to an overload torch removed), and torch2jax 0.1.0 misses Conv1d, Embedding,
 avg_pool2d, Tensor.chunk (so attention blocks) and differs from torch's exact GELU by
-1e-4; numbers in docs/README_interop.md, measured by benchmarks/interop_converters.py.
+1e-4; numbers in the README (Compare with torch), measured by benchmarks/interop_converters.py.
 The op list below is deliberately small and each op is checked against torch in
 tests/interop/test_convert.py; anything else raises :class:`UnsupportedOpError`
 naming the op, before any computation, and points to ``backend="torch"``.
