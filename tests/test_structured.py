@@ -88,3 +88,33 @@ def test_structured_equals_explicit_kronecker(module, shape):
     assert phi.shape == expected.shape
     np.testing.assert_allclose(np.asarray(phi), expected, rtol=1e-5,
                                atol=1e-5 * np.abs(expected).max())
+
+
+def test_traker_with_kronecker_matches_pure_featurize(tmp_path):
+    """TRAKer(projector=kronecker(...)) stores the same rows as featurize()."""
+    module = MLP()
+    x = jax.random.normal(jax.random.key(1), (8, 64))
+    y = jnp.arange(8) % 10
+    variables = module.init(jax.random.key(0), x)
+    proj = kronecker(2, 3, fallback_dim=8, dtype=jnp.float32)
+    traker = trax_attr.TRAKer(model=module, task="image_classification", train_set_size=8,
+                              save_dir=str(tmp_path), projector=proj, lambda_reg=1e-2)
+    traker.load_checkpoint(variables, model_id=0)
+    traker.featurize((x, y), num_samples=8)
+    assert traker.proj_dim == 3 * 2 * 3 + 8
+    phi, _ = trax_attr.featurize(module, variables, (x, y), projector=proj)
+    stored = traker.store.model_arrays(0, 8, traker.proj_dim)
+    np.testing.assert_allclose(np.asarray(stored["grads"]), np.asarray(phi), rtol=1e-5,
+                               atol=1e-6 * float(jnp.abs(phi).max()))
+    traker.finalize_features()
+    traker.start_scoring_checkpoint("t", variables, model_id=0, num_targets=3)
+    traker.score((x[:3], y[:3]), num_samples=3)
+    scores = np.asarray(traker.finalize_scores("t"))
+    assert scores.shape == (8, 3) and np.isfinite(scores).all()
+
+
+def test_kronecker_needs_tapped_model():
+    with pytest.raises(TypeError, match="apply_tapped"):
+        trax_attr.featurize(lambda p, x: x @ p["w"], {"w": jnp.ones((4, 10))},
+                            (jnp.ones((2, 4)), jnp.zeros(2, jnp.int32)),
+                            projector=kronecker(2, 2))

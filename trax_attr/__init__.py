@@ -23,6 +23,8 @@ from .projection import project
 from .projection import projection_cache
 from .projection import projection_key
 from .projection import rademacher
+from .structured import KroneckerProjector
+from .structured import kronecker
 from .scoring import score_block
 from .scoring import trak_scores
 from .tasks import TASKS
@@ -36,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IllConditionedWarning",
+    "KroneckerProjector",
     "ImageClassification",
     "Model",
     "ModelOutput",
@@ -48,6 +51,7 @@ __all__ = [
     "get_task",
     "identity",
     "inverse_gram",
+    "kronecker",
     "linen_model",
     "materialize",
     "nnx_model",

@@ -65,8 +65,9 @@ class KroneckerProjector(NamedTuple):
     max_cache_bytes: int = 0  # the structured path never caches a d x k matrix
 
     @property
-    def proj_dim(self):
-        return None
+    def proj_dim(self) -> str:
+        """A description for store configs; the width itself is :func:`output_dim`'s."""
+        return f"{self.r_in}x{self.r_out}+{self.fallback.proj_dim}"
 
     def output_dim(self, grad_dim: int) -> int:
         raise ValueError(

@@ -143,6 +143,7 @@ class TRAKer:
         self.save_dir = self.store.root
         self._selection: Selection | None = None
         self._featurize = None
+        self._width = None  # k; structured projectors learn it from the first batch
         self._featurize_targets = None
         self._loaded: _Loaded | None = None
         self._train_cursor = 0
@@ -159,7 +160,17 @@ class TRAKer:
     @property
     def proj_dim(self) -> int:
         """k, the width of the stored features."""
-        return self.projector.output_dim(self.grad_dim)
+        if self._width is None:
+            self._width = self.projector.output_dim(self.grad_dim)
+        return self._width
+
+    def _learn_width(self, loaded, batch) -> None:
+        """Structured projectors' k depends on the model's layers: trace one batch."""
+        if self._width is None and self.projector.kind == "kronecker":
+            phi, _ = jax.eval_shape(self._featurize_targets, loaded.selected, loaded.rest,
+                                    loaded.state, loaded.key, loaded.cache,
+                                    tuple(jnp.asarray(a) for a in batch))
+            self._width = int(phi.shape[1])
 
     def _prepare(self, checkpoint, model_id: int) -> _Loaded:
         params, state = self.model.split(checkpoint)
@@ -300,6 +311,7 @@ class TRAKer:
         batch, inds = self._rows(batch, inds, num_samples, self._train_cursor,
                                  self.train_set_size, "training")
         self._train_cursor = int(inds.max()) + 1 if inds.size else self._train_cursor
+        self._learn_width(loaded, batch)
         arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
         work, rows = self._todo(batch, inds, arrays["done"])
         if work is None:
@@ -430,6 +442,7 @@ class TRAKer:
         loaded: _Loaded = s["loaded"]
         batch, inds = self._rows(batch, inds, num_samples, s["cursor"], s["num_targets"], "target")
         s["cursor"] = int(inds.max()) + 1 if inds.size else s["cursor"]
+        self._learn_width(loaded, batch)
         arrays = self.store.target_arrays(s["exp_name"], loaded.model_id, s["num_targets"],
                                           self.proj_dim)
         work, rows = self._todo(batch, inds, arrays["done"])
