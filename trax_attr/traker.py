@@ -97,6 +97,8 @@ class TRAKer:
       traker_inverse_rescale: divide each (XᵀX + λI)⁻¹ by its mean absolute entry, as
         traker 0.3.2 does (for score parity with it; off by default).
       chunk_rows: rows of the store read at once by finalize steps; bounds memory.
+      progress: show a tqdm progress bar (rows and rows/s) per checkpoint while
+        featurizing and scoring; off by default.
     """
 
     def __init__(self, model, task: str | ModelOutput = "image_classification",
@@ -104,7 +106,7 @@ class TRAKer:
                  proj_dim: int = 2048, projector: str | Projector = "rademacher", seed: int = 0,
                  lambda_reg: float = 0.0, grad_wrt: GradWrt = None, proj_dtype=jnp.bfloat16,
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
-                 chunk_rows: int = 16384):
+                 chunk_rows: int = 16384, progress: bool = False):
         if (isinstance(train_set_size, bool) or not isinstance(train_set_size, (int, np.integer))
                 or train_set_size < 1):
             raise ValueError(
@@ -148,6 +150,9 @@ class TRAKer:
         self._loaded: _Loaded | None = None
         self._train_cursor = 0
         self._scoring: dict[str, Any] | None = None
+        self.progress = bool(progress)
+        self._bar = None
+        self._bar_label = None
 
     # --- checkpoints ---------------------------------------------------------------------
     @property
@@ -316,6 +321,7 @@ class TRAKer:
         work, rows = self._todo(batch, inds, arrays["done"])
         if work is None:
             return
+        self._advance(f"featurize model {loaded.model_id}", arrays["done"], 0)
         phi, q = self._featurize(loaded.selected, loaded.rest, loaded.state, loaded.key,
                                  loaded.cache, tuple(jnp.asarray(a) for a in work))
         phi, q = np.asarray(phi)[: len(rows)], np.asarray(q)[: len(rows)]
@@ -327,6 +333,26 @@ class TRAKer:
         arrays["out_to_loss"].flush()
         arrays["done"][rows] = 1
         arrays["done"].flush()
+        self._advance(f"featurize model {loaded.model_id}", arrays["done"], len(rows))
+
+    def _advance(self, label: str, done: np.ndarray, count: int) -> None:
+        """Move the progress bar of ``label`` by ``count`` newly stored rows (0 before a
+        batch's work, so that the rate counts from the first batch)."""
+        if not self.progress:
+            return
+        if self._bar_label != label:
+            if self._bar is not None:
+                self._bar.close()
+            from tqdm.auto import tqdm  # only when asked for
+
+            self._bar = tqdm(total=len(done), initial=int(done.sum()) - count, desc=label,
+                             unit="rows", dynamic_ncols=True)
+            self._bar_label = label
+        if count:
+            self._bar.update(count)
+        if self._bar.n >= self._bar.total:
+            self._bar.close()
+            self._bar, self._bar_label = None, None
 
     def _require_loaded(self) -> _Loaded:
         if self._loaded is None:
@@ -448,6 +474,7 @@ class TRAKer:
         work, rows = self._todo(batch, inds, arrays["done"])
         if work is None:
             return
+        self._advance(f"score {s['exp_name']} model {loaded.model_id}", arrays["done"], 0)
         phi, _ = self._featurize_targets(loaded.selected, loaded.rest, loaded.state, loaded.key,
                                          loaded.cache, tuple(jnp.asarray(a) for a in work))
         phi = np.asarray(phi)[: len(rows)]
@@ -456,6 +483,7 @@ class TRAKer:
         arrays["grads"].flush()
         arrays["done"][rows] = 1
         arrays["done"].flush()
+        self._advance(f"score {s['exp_name']} model {loaded.model_id}", arrays["done"], len(rows))
 
     def finalize_scores(self, exp_name: str, model_ids: Sequence[int] | None = None,
                         allow_skip: bool = False) -> np.ndarray:

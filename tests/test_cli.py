@@ -1,0 +1,168 @@
+"""The `trax-attr` command: the quick demo end to end, info/top/compare, one-line errors."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+import trax_attr
+from conftest import linear_apply
+from trax_attr import cli
+from trax_attr.demo import LDS_PIXELS, QUICK, grid_pixels
+
+
+def png_size(path):
+    """(width, height) from the PNG header, read independently of matplotlib."""
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def run(capsys, *argv):
+    status = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    status = cli.main(["demo", "--quick", "--no-progress", "--out", str(root / "report"),
+                       "--cache-dir", str(root / "cache")])
+    return status, root
+
+
+def test_demo_quick_writes_the_report(demo_run):
+    status, root = demo_run
+    report = root / "report"
+    assert status == 0
+    for name in ("index.html", "proponents.png", "lds_vs_ensemble.png", "summary.json"):
+        assert (report / name).is_file(), name
+    # QUICK shows 3 targets with top-3 proponents and opponents: 750 x 475 pixels
+    assert grid_pixels(QUICK.show, QUICK.k) == (750, 475)
+    assert png_size(report / "proponents.png") == (750, 475)
+    assert png_size(report / "lds_vs_ensemble.png") == LDS_PIXELS == (640, 400)
+    html = (report / "index.html").read_text()
+    assert 'src="proponents.png"' in html and 'src="lds_vs_ensemble.png"' in html
+    summary = json.loads((report / "summary.json").read_text())
+    assert sorted(summary["lds"], key=int) == ["1", "2"]
+    for result in summary["lds"].values():
+        assert result["low"] <= result["mean"] <= result["high"]
+    scores = np.load(f"{summary['store']}/experiments/test/scores.npy")
+    assert scores.shape == (QUICK.n_train, QUICK.n_test)
+
+
+def test_demo_rerun_reuses_the_cache(demo_run, capsys):
+    _, root = demo_run
+    status, out, _ = run(capsys, "demo", "--quick", "--no-progress", "--out",
+                         str(root / "report2"), "--cache-dir", str(root / "cache"))
+    assert status == 0
+    assert "reused 2 cached checkpoints" in out and "reused the TRAK store" in out
+    first = json.loads((root / "report" / "summary.json").read_text())
+    second = json.loads((root / "report2" / "summary.json").read_text())
+    assert first["lds"] == second["lds"]
+
+
+def test_demo_torch_flag_is_one_line(capsys):
+    status, out, err = run(capsys, "demo", "--torch", "--quick")
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "--torch" in err and ("interop" in err or "not yet available" in err)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, digits, linear_checkpoints):
+    """A real store: two checkpoints of a linear model, experiment 'test' of 5 targets."""
+    x, y = digits
+    save_dir = tmp_path_factory.mktemp("store") / "trak"
+    traker = trax_attr.TRAKer(model=linear_apply, train_set_size=100, save_dir=save_dir,
+                              proj_dim=16)
+    for model_id, params in enumerate(linear_checkpoints):
+        traker.load_checkpoint(params, model_id=model_id)
+        traker.featurize(batch=(x[:100], y[:100]), num_samples=100)
+    traker.finalize_features()
+    for model_id, params in enumerate(linear_checkpoints):
+        traker.start_scoring_checkpoint(exp_name="test", checkpoint=params, model_id=model_id,
+                                        num_targets=5)
+        traker.score(batch=(x[100:105], y[100:105]), num_samples=5)
+    scores = traker.finalize_scores(exp_name="test")
+    # a second experiment left unfinished
+    traker.start_scoring_checkpoint(exp_name="partial", checkpoint=linear_checkpoints[0],
+                                    model_id=0, num_targets=3)
+    return save_dir, scores
+
+
+def test_info(store, capsys):
+    save_dir, _ = store
+    status, out, _ = run(capsys, "info", str(save_dir))
+    assert status == 0
+    assert "train_set_size: 100" in out and "checkpoints: 2" in out
+    assert "model 0: 100/100 rows featurized, finalized" in out
+    assert "test: 5 targets; targets scored per model {0: 5/5, 1: 5/5}; scores [100, 5]" in out
+    assert "partial: 3 targets; targets scored per model {0: 0/3}; scores not finalized" in out
+
+
+def test_top(store, capsys):
+    save_dir, scores = store
+    status, out, _ = run(capsys, "top", str(save_dir), "--exp", "test", "--target", "3",
+                         "-k", "4")
+    assert status == 0
+    lines = out.splitlines()
+    pro = lines.index("proponents (raise the target's output):")
+    con = lines.index("opponents (lower it):")
+    pro_rows = [int(line.split()[1]) for line in lines[pro + 2:pro + 6]]
+    con_rows = [int(line.split()[1]) for line in lines[con + 2:con + 6]]
+    order = np.argsort(scores[:, 3])
+    assert pro_rows == order[::-1][:4].tolist()
+    assert con_rows == order[:4].tolist()
+    assert float(lines[pro + 2].split()[2]) == pytest.approx(scores[order[-1], 3], rel=1e-4)
+
+
+def test_compare_npy_and_store(store, tmp_path, capsys):
+    save_dir, scores = store
+    same = tmp_path / "same.npy"
+    np.save(same, scores)
+    status, out, _ = run(capsys, "compare", str(same), str(save_dir), "--exp", "test", "-k", "5")
+    assert status == 0
+    rows = {line[:16].strip(): line[16:].split() for line in out.splitlines()[4:]}
+    assert [float(v) for v in rows["pearson"]] == pytest.approx([1, 1, 1, 1], abs=1e-4)
+    assert [float(v) for v in rows["top-5 overlap"]] == [1, 1, 1, 1]
+    assert [float(v) for v in rows["max rel diff"]] == [0, 0, 0, 0]
+    flipped = tmp_path / "flipped.npy"
+    np.save(flipped, -scores)
+    status, out, _ = run(capsys, "compare", str(flipped), str(same))
+    rows = {line[:16].strip(): line[16:].split() for line in out.splitlines()[4:]}
+    assert status == 0 and float(rows["spearman"][0]) == pytest.approx(-1, abs=1e-6)
+    assert float(rows["max rel diff"][0]) == pytest.approx(2, abs=1e-6)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "{missing}"], "no trax_attr store at"),
+    (["top", "{store}", "--exp", "nope", "--target", "0"], "experiment 'nope' is not in"),
+    (["top", "{store}", "--exp", "partial", "--target", "0"], "has no scores yet"),
+    (["top", "{store}", "--exp", "test", "--target", "5"], "--target 5 is out of range"),
+    (["compare", "{store}", "{store}"], "name the experiment with --exp"),
+    (["compare", "{missing}.npy", "{store}", "--exp", "test"], "does not exist"),
+    (["compare", "{store}", "{other}", "--exp", "test"], "score shapes differ"),
+])
+def test_user_mistakes_are_one_line(store, tmp_path, capsys, argv, message):
+    save_dir, scores = store
+    other = tmp_path / "other.npy"
+    np.save(other, scores[:, :2])
+    names = {"store": str(save_dir), "missing": str(tmp_path / "missing"), "other": str(other)}
+    status, out, err = run(capsys, *[a.format(**names) for a in argv])
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trax-attr: error: ") and message in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "missing").exists()   # looking did not create a store
+
+
+def test_library_import_does_not_need_the_demo_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys, trax_attr, trax_attr.evaluation, trax_attr.cli; "
+            "bad = {'matplotlib', 'sklearn', 'tqdm', 'torch'} & set(sys.modules); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
