@@ -232,4 +232,4 @@ def torch_model(module: nn.Module, backend: str = "converted", *, torch_task=Non
                     ttask.get_out_to_loss_grad(call, tensors, example).reshape(-1).contiguous())
         return flat, q
 
-    return Model(apply, split, name, host_grads)
+    return Model(apply, split, name, host_grads=host_grads)

@@ -25,6 +25,8 @@ from .projection import project
 from .projection import projection_cache
 from .projection import projection_key
 from .projection import rademacher
+from .structured import KroneckerProjector
+from .structured import kronecker
 from .scoring import score_block
 from .store import StoreBusyError
 from .store import StoreWriteError
@@ -52,6 +54,7 @@ __all__ = [
     "CLIPBank",
     "CausalLM",
     "IllConditionedWarning",
+    "KroneckerProjector",
     "ImageClassification",
     "Model",
     "ModelOutput",
@@ -72,6 +75,7 @@ __all__ = [
     "get_task",
     "identity",
     "inverse_gram",
+    "kronecker",
     "linen_model",
     "materialize",
     "nnx_model",

@@ -60,8 +60,18 @@ def featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
     """
 
     def fn(selected, rest, state, key, cache, batch, col_start=0, num_cols=None):
-        grads = per_example_grads(f.task, f.model, f.selection, selected, rest, state, batch)
-        phi = project(f.projector, key, grads, cache, col_start=col_start, num_cols=num_cols)
+        if f.projector.kind == "kronecker":
+            # structured: dense layers are projected from their inputs and output
+            # cotangents, so their per-example gradients are never formed
+            from .structured import structured_features
+
+            phi = structured_features(f.projector, f.task, f.model, f.selection, selected,
+                                      rest, state, key, batch)
+        else:
+            grads = per_example_grads(f.task, f.model, f.selection, selected, rest, state,
+                                      batch)
+            phi = project(f.projector, key, grads, cache, col_start=col_start,
+                          num_cols=num_cols)
         if not with_out_to_loss:
             return phi, None
         q = out_to_loss_fn(f.task, f.model, f.selection)(selected, rest, state, batch)

@@ -43,12 +43,16 @@ class Model(NamedTuple):
         (``None`` when ``with_out_to_loss`` is false), as jax or numpy arrays (from torch:
         ``jax.dlpack.from_dlpack``, no copy); it is called outside ``jit``. ``None`` (the
         default): jitted JAX gradients of ``apply``.
+      apply_tapped: optional ``apply_tapped(params, state, tap, *inputs)``, ``apply`` that
+        calls ``y = tap(kernel_path, x, y)`` on each dense layer (y = x W + b) and goes on
+        with the returned y; needed by the kronecker projector (trax_attr.structured).
     """
 
     apply: Callable[..., Any]
     split: Callable[[Any], tuple[Any, Any]]
     name: str
     host_grads: Callable[..., tuple[Any, Any]] | None = None
+    apply_tapped: Callable[..., Any] | None = None
 
 
 def callable_model(apply_fn: Callable[..., Any]) -> Model:
@@ -118,7 +122,20 @@ def linen_model(module, **apply_kwargs) -> Model:
         state = {name: value for name, value in checkpoint.items() if name != "params"}
         return checkpoint["params"], state
 
-    return Model(apply, split, type(module).__name__)
+    def apply_tapped(params, state, tap, *inputs):
+        from flax import linen
+
+        def interceptor(next_fun, args, kwargs, context):
+            module = context.module
+            if type(module) is not linen.Dense or context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            y = next_fun(*args, **kwargs)
+            return tap("/".join(module.path) + "/kernel", args[0], y)
+
+        with linen.intercept_methods(interceptor):
+            return apply(params, state, *inputs)
+
+    return Model(apply, split, type(module).__name__, apply_tapped=apply_tapped)
 
 
 def is_torch_module(model) -> bool:

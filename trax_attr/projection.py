@@ -123,7 +123,7 @@ PROJECTORS = {"rademacher": rademacher, "normal": normal, "identity": identity}
 def get_projector(projector: str | Projector, proj_dim: int | None = None,
                   dtype=None) -> Projector:
     """Resolve ``projector=``: a Projector, or a name with ``proj_dim`` (and ``dtype``)."""
-    if isinstance(projector, Projector):
+    if isinstance(projector, Projector) or getattr(projector, "kind", None) == "kronecker":
         return projector
     if not isinstance(projector, str) or projector not in PROJECTORS:
         raise ValueError(
@@ -222,7 +222,7 @@ def projection_cache(projector: Projector, key: jax.Array,
                      leaf_sizes: tuple[int, ...]) -> tuple[jax.Array, ...] | None:
     """P split by parameter leaf, ``((size_l, k), ...)``, or ``None`` when it exceeds
     ``projector.max_cache_bytes`` (then :func:`project` regenerates blocks per batch)."""
-    if projector.kind == "identity":
+    if projector.kind not in ("rademacher", "normal"):
         return None
     d = int(sum(leaf_sizes))
     nbytes = d * projector.proj_dim * jnp.dtype(projector.dtype).itemsize

@@ -202,14 +202,32 @@ class TRAKer:
     @property
     def proj_dim(self) -> int:
         """k, the width of the stored features."""
+        if self.projector.kind == "kronecker":
+            # its k follows from the model's layers: learned from the first batch and kept
+            # in the store's settings (see _learn_width)
+            width = self.store.config.get("feature_dim")
+            if width is None:
+                raise ValueError("the kronecker projector's width is known once a batch has "
+                                 "been featurized; call featurize first.")
+            return int(width)
         return self.projector.output_dim(self.grad_dim)
+
+    def _learn_width(self, loaded: _Loaded, batch) -> None:
+        """Record the kronecker projector's k, from the shapes of one traced batch."""
+        if self.projector.kind != "kronecker" or "feature_dim" in self.store.config:
+            return
+        phi, _ = jax.eval_shape(self._featurize_targets, loaded.selected, loaded.rest,
+                                loaded.state, loaded.key, loaded.cache,
+                                sharding.pad_batch(batch, sharding.batch_shards(self.mesh)))
+        self.store.check_config({"feature_dim": int(phi.shape[1])})
 
     def _prepare(self, checkpoint, model_id: int) -> _Loaded:
         params, state = self.model.split(checkpoint)
         if self._selection is None:
             self._selection = select(params, self.grad_wrt)
             f = Featurizer(self.task, self.model, self._selection, self.projector)
-            k = self.projector.output_dim(self._selection.grad_dim)
+            k = (None if self.projector.kind == "kronecker"
+                 else self.projector.output_dim(self._selection.grad_dim))
             if self.model.host_grads is None:
                 self._featurize = sharding.shard_featurize(featurize_fn(f), self.mesh, k)
                 self._featurize_targets = sharding.shard_featurize(
@@ -410,6 +428,7 @@ class TRAKer:
                     "a resumed script can skip checkpoints where traker.finalized(model_id)."
                 )
             self._check_batch(loaded, batch, inds)
+            self._learn_width(loaded, batch)
             arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
             work, rows = self._todo(batch, inds, arrays["done"])
             if work is not None:
@@ -583,7 +602,7 @@ class TRAKer:
         return first, count
 
     def _stored_proj_dim(self) -> int:
-        if self._selection is not None:
+        if self._selection is not None or self.projector.kind == "kronecker":
             return self.proj_dim
         grad_dim = self.store.config.get("grad_dim")
         if grad_dim is None:
@@ -650,6 +669,7 @@ class TRAKer:
         batch, inds = self._rows(batch, inds, num_samples, s["cursor"], s["num_targets"], "target")
         with self.store.experiment_lock(s["exp_name"], shared=True, doing="score"):
             self._check_batch(loaded, batch, inds)
+            self._learn_width(loaded, batch)
             arrays = self.store.target_arrays(s["exp_name"], loaded.model_id, s["num_targets"],
                                               self.proj_dim)
             work, rows = self._todo(batch, inds, arrays["done"])

@@ -1,0 +1,225 @@
+"""Kronecker-structured projection: project dense layers without forming their gradient.
+
+For a dense layer y_t = x_t W + b (W: ``(d_in, d_out)``) the per-example gradient of the
+output f is G = Σ_t x_t δ_tᵀ, with x_t the layer's input at position t and δ_t = ∂f/∂y_t.
+With P_in ``(d_in, r_in)`` and P_out ``(d_out, r_out)``
+
+    (P_in ⊗ P_out)ᵀ vec(G) = vec(P_inᵀ G P_out) = Σ_t (P_inᵀ x_t) ⊗ (P_outᵀ δ_t),
+
+so the layer's r_in·r_out features need only x_t and δ_t: G (d_in·d_out per example) is
+never formed (the idea of LoGra, Choe et al. 2024). Selected leaves that are not such a
+kernel (biases, norms, embeddings) fall back to the dense projector of
+:mod:`trax_attr.projection` with ``fallback_dim`` columns.
+
+The full matrix P is block diagonal: one block P_in ⊗ P_out per covered kernel (in the
+order of the selected leaves), then the dense fallback block on the remaining leaves, and
+φ = Pᵀ g / √d with d the total number of selected parameters, as for the dense path.
+k = Σ_layers r_in·r_out + fallback_dim (fallback_dim only when fallback leaves exist).
+
+Keys: with ``key = fold_in(key(seed), model_id)`` (:func:`projection_key`), the layer
+whose kernel has path ``p`` uses ``h = crc32(p) & 0x7fffffff`` and
+P_in = rows of ``matrix_block(Projector(kind, r_in), fold_in(fold_in(key, h), 0))``,
+P_out = same with ``r_out`` and ``fold_in(fold_in(key, h), 1)``; the fallback block is
+the dense projector's matrix of ``key`` over the fallback leaves.
+
+Capturing x_t and δ_t needs a model that reports its dense layers: a :class:`Model` with
+``apply_tapped(params, state, tap, *inputs)`` that calls ``y = tap(kernel_path, x, y)``
+on every dense layer's input ``x (..., d_in)`` and output ``y (..., d_out)`` and goes on
+with the returned y. :func:`trax_attr.linen_model` provides it for every ``nn.Dense``
+through ``nn.intercept_methods``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .projection import Projector, _check_dims, matrix_block, project
+
+__all__ = ["KroneckerProjector", "kronecker", "layer_keys", "structured_features",
+           "covered_layers"]
+
+
+class KroneckerProjector(NamedTuple):
+    """Per-layer P_in ⊗ P_out projection with a dense fallback. Hashable (jit-static).
+
+    Attributes:
+      kind: ``"kronecker"``.
+      r_in, r_out: per-layer ranks; each covered kernel gives r_in·r_out features.
+      fallback: the dense :class:`Projector` of the leaves no layer covers.
+      dtype: compute dtype of the small projections.
+      base: ``"rademacher"`` or ``"normal"``, the entries of P_in and P_out.
+    """
+
+    kind: str
+    r_in: int
+    r_out: int
+    fallback: Projector
+    dtype: str = "float32"
+    base: str = "rademacher"
+    max_cache_bytes: int = 0  # the structured path never caches a d x k matrix
+
+    @property
+    def proj_dim(self) -> str:
+        """A description for store configs; the width itself is :func:`output_dim`'s."""
+        return f"{self.r_in}x{self.r_out}+{self.fallback.proj_dim}"
+
+    def output_dim(self, grad_dim: int) -> int:
+        raise ValueError(
+            "the kronecker projector's k depends on the model's layers; it is known after "
+            "featurizing (TRAKer.proj_dim after load_checkpoint).")
+
+    def layer_projector(self, r: int) -> Projector:
+        return Projector(self.base, int(r), self.dtype, None, 0)
+
+
+def kronecker(r_in: int, r_out: int, *, fallback_dim: int = 512, dtype=jnp.float32,
+              base: str = "rademacher") -> KroneckerProjector:
+    """Kronecker-structured projector: r_in·r_out features per dense layer, plus
+    ``fallback_dim`` dense features for the other selected leaves (biases, norms)."""
+    for name, r in (("r_in", r_in), ("r_out", r_out)):
+        if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
+            raise ValueError(f"{name} must be a positive integer, got {r!r}; e.g. 16.")
+    if base not in ("rademacher", "normal"):
+        raise ValueError(f"base={base!r} is not known; use 'rademacher' or 'normal'.")
+    fb = _check_dims(base, fallback_dim, dtype, None, 0)
+    return KroneckerProjector("kronecker", int(r_in), int(r_out), fb, fb.dtype, base)
+
+
+def layer_keys(key: jax.Array, path: str) -> tuple[jax.Array, jax.Array]:
+    """(key of P_in, key of P_out) of the layer whose kernel path is ``path``."""
+    layer = jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+    return jax.random.fold_in(layer, 0), jax.random.fold_in(layer, 1)
+
+
+def _tapped_output(task, model, selection, rest, state):
+    """f(selected, perturbations, example) -> (output, taps): the task output with a zero
+    perturbation added to each tapped dense output; taps maps call index -> (path, x)."""
+
+    def output(selected, perts, example):
+        xs = []
+
+        def tap(path, x, y):
+            i = len(xs)
+            xs.append((path, x))
+            if perts is None:
+                return y
+            return y + perts[i].astype(y.dtype)
+
+        def apply_fn(sel, *inputs):
+            return model.apply_tapped(selection.merge(sel, rest), state, tap, *inputs)
+
+        out = task.get_output(apply_fn, selected, *example)
+        return out, tuple(xs)
+
+    return output
+
+
+def covered_layers(task, model, selection, selected, rest, state, example):
+    """Trace one example -> list of (call index, kernel path, x shape, y shape) of the
+    tapped layers whose kernel is selected."""
+    if getattr(model, "apply_tapped", None) is None:
+        raise TypeError(
+            f"projector='kronecker' needs a model that reports its dense layers, but "
+            f"{model.name} has no apply_tapped. Use a flax.linen model, or build "
+            "trax_attr.Model(apply, split, name, apply_tapped=fn) where fn(params, state, "
+            "tap, *inputs) calls y = tap(kernel_path, x, y) on each dense layer.")
+    shapes = []
+
+    def run(sel, ex):
+        calls = []
+
+        def tap(path, x, y):
+            calls.append((path, x.shape, y.shape))
+            return y
+
+        def apply_fn(s, *inputs):
+            return model.apply_tapped(selection.merge(s, rest), state, tap, *inputs)
+
+        out = task.get_output(apply_fn, sel, *ex)
+        shapes.extend(calls)
+        return out
+
+    jax.eval_shape(run, selected, example)
+    paths = set(selection.paths)
+    return [(i, p, xs, ys) for i, (p, xs, ys) in enumerate(shapes) if p in paths]
+
+
+def structured_features(projector: KroneckerProjector, task, model, selection, selected,
+                        rest, state, key, batch) -> jax.Array:
+    """φ ``(B, k) f32`` of a batch; covered kernels' gradients are never formed."""
+    example0 = jax.tree.map(lambda a: a[0], batch)
+    layers = covered_layers(task, model, selection, selected, rest, state, example0)
+    kernel_paths = []
+    for _, p, _, _ in layers:
+        if p not in kernel_paths:
+            kernel_paths.append(p)
+    kernel_paths.sort(key=selection.paths.index)
+    covered = set(kernel_paths)
+    fb_idx = [i for i, p in enumerate(selection.paths) if p not in covered]
+    d = selection.grad_dim
+    output = _tapped_output(task, model, selection, rest, state)
+    y_shapes = _y_shapes(task, model, selection, selected, rest, state, example0)
+
+    def one(example):
+        def f(fb_leaves, perts):
+            sel = list(selected)
+            for j, i in enumerate(fb_idx):
+                sel[i] = fb_leaves[j]
+            return output(tuple(sel), perts, example)
+
+        # a zero perturbation on every tapped call: its cotangent is δ_t of that call
+        perts = tuple(jnp.zeros(s, jnp.float32) for s in y_shapes)
+        fb = tuple(selected[i] for i in fb_idx)
+        (g_fb, g_perts), xs = jax.grad(f, argnums=(0, 1), has_aux=True)(fb, perts)
+        return g_fb, g_perts, tuple(x for _, x in xs)
+
+    g_fb, g_perts, xs = jax.vmap(one)(batch)
+    dtype = jnp.dtype(projector.dtype)
+    b = batch[0].shape[0]
+    per_layer = {p: jnp.zeros((b, projector.r_in, projector.r_out), jnp.float32)
+                 for p in kernel_paths}
+    mats = {}
+    for i, p, xshape, yshape in layers:
+        if p not in mats:
+            k_in, k_out = layer_keys(key, p)
+            mats[p] = (matrix_block(projector.layer_projector(projector.r_in), k_in, 0,
+                                    xshape[-1]),
+                       matrix_block(projector.layer_projector(projector.r_out), k_out, 0,
+                                    yshape[-1]))
+        p_in, p_out = mats[p]
+        x = xs[i].reshape(b, -1, xshape[-1]).astype(dtype)
+        delta = g_perts[i].reshape(b, -1, yshape[-1]).astype(dtype)
+        xp = jnp.einsum("btd,dr->btr", x, p_in, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("btd,dr->btr", delta, p_out, preferred_element_type=jnp.float32)
+        per_layer[p] = per_layer[p] + jnp.einsum("bti,btj->bij", xp, dp,
+                                                 precision=jax.lax.Precision.HIGHEST)
+    parts = [per_layer[p].reshape(b, -1) for p in kernel_paths]
+    if fb_idx:
+        grads = tuple(g.reshape(b, -1) for g in g_fb)
+        d_fb = sum(g.shape[1] for g in grads)
+        # project() normalises by √d_fb; the block-diagonal P normalises by the total √d
+        parts.append(project(projector.fallback, key, grads) * math.sqrt(d_fb))
+    return jnp.concatenate(parts, axis=1) / jnp.float32(math.sqrt(d))
+
+
+def _y_shapes(task, model, selection, selected, rest, state, example):
+    calls = []
+
+    def run(sel):
+        def tap(path, x, y):
+            calls.append(y.shape)
+            return y
+
+        def apply_fn(s, *inputs):
+            return model.apply_tapped(selection.merge(s, rest), state, tap, *inputs)
+
+        return task.get_output(apply_fn, sel, *example)
+
+    jax.eval_shape(run, selected)
+    return calls
