@@ -124,14 +124,15 @@ def test_compare_npy_and_store(store, tmp_path, capsys):
     np.save(same, scores)
     status, out, _ = run(capsys, "compare", str(same), str(save_dir), "--exp", "test", "-k", "5")
     assert status == 0
-    rows = {line[:16].strip(): line[16:].split() for line in out.splitlines()[4:]}
+    rows = {line[:18].strip(): line[18:].split() for line in out.splitlines()[4:]}
     assert [float(v) for v in rows["pearson"]] == pytest.approx([1, 1, 1, 1], abs=1e-4)
-    assert [float(v) for v in rows["top-5 overlap"]] == [1, 1, 1, 1]
+    assert [float(v) for v in rows["top-5 proponents"]] == [1, 1, 1, 1]
+    assert [float(v) for v in rows["top-5 opponents"]] == [1, 1, 1, 1]
     assert [float(v) for v in rows["max rel diff"]] == [0, 0, 0, 0]
     flipped = tmp_path / "flipped.npy"
     np.save(flipped, -scores)
     status, out, _ = run(capsys, "compare", str(flipped), str(same))
-    rows = {line[:16].strip(): line[16:].split() for line in out.splitlines()[4:]}
+    rows = {line[:18].strip(): line[18:].split() for line in out.splitlines()[4:]}
     assert status == 0 and float(rows["spearman"][0]) == pytest.approx(-1, abs=1e-6)
     assert float(rows["max rel diff"][0]) == pytest.approx(2, abs=1e-6)
 
