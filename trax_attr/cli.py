@@ -167,7 +167,7 @@ def demo(args) -> None:
     import dataclasses
 
     if args.torch:
-        if importlib.util.find_spec("interop") is None or importlib.util.find_spec("torch") is None:
+        if any(importlib.util.find_spec(name) is None for name in ("interop", "torch")):
             raise CLIError("--torch needs the interop extra (pip install 'trax_attr[interop]'); "
                            "it is not available in this installation")
     try:
