@@ -9,7 +9,9 @@ counterfactual retraining (LDS against ensemble size); and writes a report folde
     index.html            both pictures and the printed summary
     summary.json          the numbers
 
-Needs the ``demo`` extra (scikit-learn, matplotlib); the library itself does not.
+Needs the ``demo`` extra (scikit-learn, matplotlib); the library itself does not. With
+``torch=True`` (``trax-attr demo --torch``) it also scores the torch twin of the CNN
+through ``interop`` (imported only then) and adds its agreement with the Flax scores.
 """
 
 from __future__ import annotations
