@@ -185,10 +185,17 @@ def test_compare_scores():
     np.testing.assert_allclose(agreement.spearman, [1, -1, 1], atol=1e-12)
     assert agreement.topk_overlap[0] == 1 and agreement.topk_overlap[2] == 1
     assert agreement.topk_overlap[1] == 0     # top of -b is the bottom of b
+    assert agreement.top_opponents[0] == 1 and agreement.top_opponents[1] == 0
     assert agreement.sign_agreement[0] == 1 and agreement.sign_agreement[1] == 0
     np.testing.assert_allclose(agreement.max_rel_diff,
                                [0, 2, 0.1 / np.abs(b[:, 2]).max()], atol=1e-12)
     table = agreement.table()
-    assert "top-5 overlap" in table and len(table.splitlines()) == 6
+    assert "top-5 proponents" in table and len(table.splitlines()) == 7
+    pearson_row = table.splitlines()[1].split()
+    assert pearson_row[0] == "pearson" and float(pearson_row[2]) == pytest.approx(-1)
     with pytest.raises(ValueError, match="differ in shape"):
         ev.compare_scores(a, b[:, :2])
+    with pytest.raises(ValueError, match="must be finite"):
+        ev.compare_scores(np.where(a > 1, np.nan, a), b)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        ev.compare_scores(a, b, k=51)

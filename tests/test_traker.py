@@ -240,3 +240,24 @@ def test_store_reopens_with_an_equal_custom_task(tmp_path):
     make(tmp_path, task=PlainTask)                      # another instance, same task
     with pytest.raises(ValueError, match="task: stored"):
         make(tmp_path, task=trax_attr.ImageClassification(loss_temperature=2.0))
+
+
+def test_reopened_store_exposes_proj_dim_and_features(tmp_path, linear_checkpoints, data):
+    """A TRAKer that reopens a store (no load_checkpoint) knows k and reads the stored
+    features; they equal the functional core's."""
+    full_run(tmp_path, linear_checkpoints, data)
+    reopened = make(tmp_path)
+    assert reopened.proj_dim == 64
+    train, target = data
+    projector = trax_attr.rademacher(64, dtype=jnp.float32)
+    phi, _ = trax_attr.featurize(linear_apply, linear_checkpoints[1], train, model_id=1,
+                                 projector=projector)
+    phi_t, _ = trax_attr.featurize(linear_apply, linear_checkpoints[1], target, model_id=1,
+                                   projector=projector)
+    np.testing.assert_allclose(reopened.train_features(1), phi, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(reopened.target_features("exp", 1), phi_t, rtol=1e-5, atol=1e-6)
+    assert reopened.targets_done("exp", 1) and not reopened.targets_done("other", 0)
+    with pytest.raises(ValueError, match="is not an experiment"):
+        reopened.target_features("other", 0)
+    with pytest.raises(ValueError, match="proj_dim is known after"):
+        _ = make(tmp_path / "empty").proj_dim

@@ -167,11 +167,9 @@ def demo(args) -> None:
     import dataclasses
 
     if args.torch:
-        if importlib.util.find_spec("interop") is None:
+        if any(importlib.util.find_spec(name) is None for name in ("interop", "torch")):
             raise CLIError("--torch needs the interop extra (pip install 'trax_attr[interop]'); "
                            "it is not available in this installation")
-        raise CLIError("--torch is not yet available: the torch twin of the demo is not wired "
-                       "in this version; run the demo without --torch")
     try:
         import matplotlib  # noqa: F401
         import sklearn  # noqa: F401
@@ -191,7 +189,7 @@ def demo(args) -> None:
             raise CLIError(f"--proj-dim {args.proj_dim} must be at least 1")
         changes["proj_dim"] = args.proj_dim
     config = dataclasses.replace(config, **changes)
-    run_demo(config, args.out, args.cache_dir, progress=not args.no_progress)
+    run_demo(config, args.out, args.cache_dir, progress=not args.no_progress, torch=args.torch)
 
 
 # --- entry point -----------------------------------------------------------------------

@@ -9,7 +9,9 @@ counterfactual retraining (LDS against ensemble size); and writes a report folde
     index.html            both pictures and the printed summary
     summary.json          the numbers
 
-Needs the ``demo`` extra (scikit-learn, matplotlib); the library itself does not.
+Needs the ``demo`` extra (scikit-learn, matplotlib); the library itself does not. With
+``torch=True`` (``trax-attr demo --torch``) it also scores the torch twin of the CNN
+through ``interop`` (imported only then) and adds its agreement with the Flax scores.
 """
 
 from __future__ import annotations
@@ -161,18 +163,15 @@ def _lambda_reg(config, model, checkpoint, train, folder: Path) -> float:
     return lambda_reg
 
 
-def _trak(config, train, test, graphdef, checkpoints, store_dir: Path, progress: bool,
-          say) -> tuple[dict[int, np.ndarray], object]:
-    """TRAK scores of the test set for M = 1, 2, 4, ... checkpoints -> {M: (n, m) f32}."""
+def _run_trak(model, checkpoints, train, test, store_dir: Path, progress: bool, *,
+              sizes: list[int] | None = None, **traker_kwargs):
+    """Featurize and score (skipping work the store already holds) -> ({M: (n, m) f32}, traker,
+    whether anything was computed). ``sizes`` picks the ensemble sizes M (default all)."""
     from .traker import TRAKer
 
-    model = nnx.merge(graphdef, checkpoints[0])
-    lambda_reg = _lambda_reg(config, model, checkpoints[0], train, store_dir.parent)
     traker = TRAKer(model=model, task="image_classification", train_set_size=len(train[0]),
-                    save_dir=store_dir, proj_dim=config.proj_dim, seed=config.seed,
-                    lambda_reg=lambda_reg, progress=progress)
+                    save_dir=store_dir, progress=progress, **traker_kwargs)
     batch, n, m = 256, len(train[0]), len(test[0])
-    start = time.perf_counter()
     worked = False
     for i, checkpoint in enumerate(checkpoints):
         meta = traker.store.model_meta(i)
@@ -184,26 +183,70 @@ def _trak(config, train, test, graphdef, checkpoints, store_dir: Path, progress:
             traker.featurize(batch=(train[0][s:s + batch], train[1][s:s + batch]),
                              num_samples=len(train[0][s:s + batch]))
     traker.finalize_features()
-    exp = traker.store.experiment_meta("test") or {"model_ids": []}
     for i, checkpoint in enumerate(checkpoints):
-        if i in exp["model_ids"]:
-            done = traker.store.target_arrays("test", i, m, traker._stored_proj_dim())["done"]
-            if done.all():
-                continue
+        if traker.targets_done("test", i):
+            continue
         worked = True
         traker.start_scoring_checkpoint(exp_name="test", checkpoint=checkpoint, model_id=i,
                                         num_targets=m)
         for s in range(0, m, batch):
             traker.score(batch=(test[0][s:s + batch], test[1][s:s + batch]),
                          num_samples=len(test[0][s:s + batch]))
+    scores = {size: traker.finalize_scores("test", model_ids=list(range(size)))
+              for size in (sizes or [len(checkpoints)])}
+    return scores, traker, worked
+
+
+def _trak(config, train, test, graphdef, checkpoints, store_dir: Path, progress: bool,
+          say) -> tuple[dict[int, np.ndarray], object, float]:
+    """TRAK scores of the test set for M = 1, 2, 4, ... checkpoints -> {M: (n, m) f32}."""
+    model = nnx.merge(graphdef, checkpoints[0])
+    lambda_reg = _lambda_reg(config, model, checkpoints[0], train, store_dir.parent)
     sizes = sorted({min(2 ** p, len(checkpoints)) for p in range(len(checkpoints).bit_length())}
                    | {len(checkpoints)})
-    scores = {size: traker.finalize_scores("test", model_ids=list(range(size)))
-              for size in sizes}
+    start = time.perf_counter()
+    scores, traker, worked = _run_trak(model, checkpoints, train, test, store_dir, progress,
+                                       sizes=sizes, proj_dim=config.proj_dim, seed=config.seed,
+                                       lambda_reg=lambda_reg)
     verb = "featurized and scored" if worked else "reused the TRAK store"
     say(f"TRAK: {verb} ({time.perf_counter() - start:.1f} s), proj_dim={config.proj_dim}, "
         f"lambda_reg={lambda_reg:g}, store {store_dir}")
-    return scores, traker
+    return scores, traker, lambda_reg
+
+
+def _torch_twin(config, train, test, graphdef, checkpoints, flax_scores, lambda_reg,
+                folder: Path, progress: bool, say) -> dict:
+    """The same TRAK on the torch twin of the CNN (weights moved with flax_to_torch, the
+    module converted to JAX by interop) and its agreement with the Flax scores.
+
+    Two comparisons: (1) the demo's settings (proj_dim, seed) on every checkpoint. The
+    projection assigns random rows to parameter entries in order, and torch orders and lays
+    out the parameters differently (OIHW kernels, (out, in) weights), so this is another
+    random matrix: agreement up to the projection's randomness. (2) the identity projector
+    on checkpoint 0, where a permutation of the gradient's entries changes nothing: the
+    scores must agree to float rounding.
+    """
+    from interop import compare
+    from interop.demo_twin import torch_checkpoints
+
+    start = time.perf_counter()
+    module, state_dicts = torch_checkpoints(checkpoints)
+    tag = f"k{config.proj_dim}-M{config.checkpoints}-l{config.lambda_rel:g}"
+    scores, _, _ = _run_trak(module, state_dicts, train, test, folder / f"torch-trak-{tag}",
+                             progress, backend="converted", proj_dim=config.proj_dim,
+                             seed=config.seed, lambda_reg=lambda_reg)
+    projected = compare(scores[config.checkpoints], flax_scores, k=config.k)
+    exact = {}
+    for name, model, ckpts in (("flax", nnx.merge(graphdef, checkpoints[0]), [None]),
+                               ("torch", module, state_dicts[:1])):
+        kwargs = {"backend": "converted"} if name == "torch" else {}
+        exact[name] = _run_trak(model, ckpts, train, test,
+                                folder / f"{name}-identity-l{config.lambda_rel:g}", progress,
+                                projector="identity", lambda_reg=lambda_reg,
+                                xtx_dtype=np.float64, **kwargs)[0][1]
+    identity = compare(exact["torch"], exact["flax"], k=config.k)
+    say(f"torch twin (interop, backend=\"converted\"): {time.perf_counter() - start:.1f} s")
+    return {"projected": projected, "identity": identity}
 
 
 def _grid_png(path: Path, config, train, test, targets, scores):
@@ -282,8 +325,13 @@ def _pick_targets(test, show: int) -> list[int]:
 
 
 def run_demo(config: DemoConfig, out: str | Path, cache_dir: str | Path, *,
-             progress: bool = True, say: Callable[[str], None] = print) -> dict:
-    """Run the demo and write the report folder ``out``; returns the summary dict."""
+             progress: bool = True, say: Callable[[str], None] = print,
+             torch: bool = False) -> dict:
+    """Run the demo and write the report folder ``out``; returns the summary dict.
+
+    ``torch=True`` also runs TRAK on the torch twin of the CNN through ``interop`` (which
+    needs torch, imported only then) and reports its agreement with the Flax scores.
+    """
     from .evaluation import grad_cosine_scores, grad_dot_scores, lds, random_scores
     from .evaluation import subset_retraining
 
@@ -307,9 +355,11 @@ def run_demo(config: DemoConfig, out: str | Path, cache_dir: str | Path, *,
         f"(min {min(accuracy):.3f}, max {max(accuracy):.3f})")
 
     store_dir = folder / f"trak-k{config.proj_dim}-M{config.checkpoints}-l{config.lambda_rel:g}"
-    scores_by_size, traker = _trak(config, train, test, graphdef, checkpoints, store_dir,
-                                   progress, say)
+    scores_by_size, traker, lambda_reg = _trak(config, train, test, graphdef, checkpoints,
+                                               store_dir, progress, say)
     scores = scores_by_size[config.checkpoints]
+    twin = (_torch_twin(config, train, test, graphdef, checkpoints, scores, lambda_reg, folder,
+                        progress, say) if torch else None)
 
     start = time.perf_counter()
     masks, margins = subset_retraining(
@@ -321,9 +371,8 @@ def run_demo(config: DemoConfig, out: str | Path, cache_dir: str | Path, *,
         f"subsets ({time.perf_counter() - start:.1f} s, cached after the first run)")
 
     lds_by_size = {size: lds(s, masks, margins) for size, s in scores_by_size.items()}
-    k_store = traker._stored_proj_dim()
-    phi = np.asarray(traker.store.model_arrays(0, len(train[0]), k_store)["grads"])
-    phi_t = np.asarray(traker.store.target_arrays("test", 0, len(test[0]), k_store)["grads"])
+    phi = traker.train_features(0)
+    phi_t = traker.target_features("test", 0)
     baselines = {
         "grad-cosine": lds(grad_cosine_scores(phi, phi_t), masks, margins),
         "grad-dot": lds(grad_dot_scores(phi, phi_t), masks, margins),
@@ -345,6 +394,13 @@ def run_demo(config: DemoConfig, out: str | Path, cache_dir: str | Path, *,
         pro = ", ".join(f"#{i} (y={train[1][i]}, {scores[i, j]:+.3g})" for i in order[:3])
         con = ", ".join(f"#{i} (y={train[1][i]}, {scores[i, j]:+.3g})" for i in order[::-1][:3])
         lines.append(f"target #{j} (label {test[1][j]}): proponents {pro}; opponents {con}")
+    if twin is not None:
+        lines += [f"torch twin vs Flax CNN, the demo's projector (proj_dim={config.proj_dim}, "
+                  f"seed {config.seed}; torch's parameter layout meets another random matrix, "
+                  f"so agreement is up to the projection's randomness), "
+                  f"M = {config.checkpoints}:", *twin["projected"].table().splitlines(),
+                  "torch twin vs Flax CNN, identity projector (checkpoint 0; layout-free, so "
+                  "the same scores up to float rounding):", *twin["identity"].table().splitlines()]
     for line in lines:
         say(line)
 
@@ -356,6 +412,10 @@ def run_demo(config: DemoConfig, out: str | Path, cache_dir: str | Path, *,
                 for size, r in sorted(lds_by_size.items())},
         "baselines": {name: r._asdict() | {"per_target": None} for name, r in baselines.items()},
         "targets": targets,
+        "torch_twin": None if twin is None else {
+            name: {row: {"min": float(np.nanmin(v)), "median": float(np.nanmedian(v)),
+                         "max": float(np.nanmax(v))} for row, v, _ in agreement.rows()}
+            for name, agreement in twin.items()},
         "store": str(store_dir),
         "seconds": elapsed,
     }

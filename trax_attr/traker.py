@@ -201,7 +201,8 @@ class TRAKer:
 
     @property
     def proj_dim(self) -> int:
-        """k, the width of the stored features."""
+        """k, the width of the stored features: known after load_checkpoint, or from the
+        store's settings when a TRAKer reopens a store that holds features."""
         if self.projector.kind == "kronecker":
             # its k follows from the model's layers: learned from the first batch and kept
             # in the store's settings (see _learn_width)
@@ -210,7 +211,13 @@ class TRAKer:
                 raise ValueError("the kronecker projector's width is known once a batch has "
                                  "been featurized; call featurize first.")
             return int(width)
-        return self.projector.output_dim(self.grad_dim)
+        if self._selection is not None:
+            return self.projector.output_dim(self.grad_dim)
+        grad_dim = self.store.config.get("grad_dim")
+        if grad_dim is None:
+            raise ValueError("proj_dim is known after the first load_checkpoint call (the "
+                             "store holds no features yet).")
+        return self.projector.output_dim(grad_dim)
 
     def _learn_width(self, loaded: _Loaded, batch) -> None:
         """Record the kronecker projector's k, from the shapes of one traced batch."""
@@ -602,12 +609,34 @@ class TRAKer:
         return first, count
 
     def _stored_proj_dim(self) -> int:
-        if self._selection is not None or self.projector.kind == "kronecker":
-            return self.proj_dim
-        grad_dim = self.store.config.get("grad_dim")
-        if grad_dim is None:
-            raise ValueError("the store holds no features yet; call load_checkpoint first.")
-        return self.projector.output_dim(grad_dim)
+        return self.proj_dim
+
+    def train_features(self, model_id: int) -> np.ndarray:
+        """The projected training gradients φ of a checkpoint, ``(train_set_size, k) f32``
+        (a copy; rows not featurized are zero). Before finalize_features only."""
+        return np.array(self.store.model_arrays(model_id, self.train_set_size, self.proj_dim,
+                                                mode="r")["grads"])
+
+    def target_features(self, exp_name: str, model_id: int) -> np.ndarray:
+        """The projected target gradients of experiment ``exp_name`` under a checkpoint,
+        ``(num_targets, k) f32`` (a copy; rows not scored are zero)."""
+        return np.array(self._target_arrays(exp_name, model_id)["grads"])
+
+    def targets_done(self, exp_name: str, model_id: int) -> bool:
+        """Whether every target of ``exp_name`` is scored under checkpoint ``model_id``
+        (False when the experiment or the checkpoint is not started)."""
+        exp = self.store.experiment_meta(exp_name)
+        if exp is None or model_id not in exp["model_ids"]:
+            return False
+        return bool(np.all(self._target_arrays(exp_name, model_id)["done"]))
+
+    def _target_arrays(self, exp_name: str, model_id: int):
+        exp = self.store.experiment_meta(exp_name)
+        if exp is None:
+            raise ValueError(f"exp_name={exp_name!r} is not an experiment of this store; "
+                             "call start_scoring_checkpoint first.")
+        return self.store.target_arrays(exp_name, model_id, exp["num_targets"], self.proj_dim,
+                                        mode="r")
 
     # --- scoring -------------------------------------------------------------------------
     def start_scoring_checkpoint(self, exp_name: str, checkpoint, model_id: int,

@@ -9,6 +9,7 @@ from torch import nn  # noqa: E402
 
 import interop  # noqa: E402
 import trax_attr  # noqa: E402
+from trax_attr.evaluation import ScoreAgreement  # noqa: E402
 from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
     TorchCNN, digits_images, torch_cnn)
 
@@ -102,8 +103,9 @@ def test_compare_against_scipy():
     same = interop.compare(b, b)
     assert np.allclose(same.pearson, 1) and same.max_rel_diff.max() == 0
     text = str(result)
-    assert "Pearson" in text and "top-10 opponents overlap" in text and len(text.splitlines()) == 7
-    with pytest.raises(ValueError, match="one shape"):
+    assert "pearson" in text and "top-10 opponents" in text and len(text.splitlines()) == 7
+    assert text == result.table() and interop.Comparison is ScoreAgreement
+    with pytest.raises(ValueError, match="differ in shape"):
         interop.compare(a, b[:, :3])
 
 
