@@ -1,30 +1,38 @@
-"""Run every benchmark script (subprocess each) and regenerate results/README_table.md.
+"""Run every benchmark (a subprocess each) and collect their tables in one file.
 
-    python benchmarks/run_all.py [--quick]
+    python benchmarks/run_all.py           # all of them, ~15 minutes on 2 cores (make bench)
+    python benchmarks/run_all.py --quick   # tiny settings of the fast ones (the smoke test)
+
+Each script writes its JSON to benchmarks/results/ and prints a table; the tables are
+collected in benchmarks/results/README_table.md (README_table_quick.md with --quick).
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-SCRIPTS = ["projection_roofline.py"]  # featurize_vs_traker, lds_digits, end_to_end: not written yet
+FULL = ["featurize_vs_traker.py", "featurize_dtype.py", "projection_roofline.py",
+        "structured.py", "scale.py"]
+QUICK = ["featurize_vs_traker.py", "projection_roofline.py"]
 
 
 def main():
     quick = "--quick" in sys.argv
-    for s in SCRIPTS:
-        subprocess.run([sys.executable, str(HERE / s)] + (["--quick"] if quick else []), check=True)
-    lines = ["| benchmark | d | k | dtype | project GFLOP/s | matmul GFLOP/s | ratio |",
-             "|---|---|---|---|---|---|---|"]
-    f = HERE / "results" / ("projection_roofline_quick.json" if quick else "projection_roofline.json")
-    for r in json.loads(f.read_text())["rows"]:
-        lines.append(f"| projection | {r['d']} | {r['k']} | {r['dtype']} | {r['project_flops']/1e9:.2f}"
-                     f" | {r['matmul_flops']/1e9:.2f} | {r['ratio']:.2f} |")
-    (HERE / "results" / ("README_table_quick.md" if quick else "README_table.md")).write_text("\n".join(lines) + "\n")
+    sections = []
+    for script in QUICK if quick else FULL:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, str(HERE / script)] + (["--quick"] if quick else []),
+                              check=True, capture_output=True, text=True)
+        print(done.stdout, end="")
+        sections.append(f"### `python benchmarks/{script}`{' --quick' if quick else ''} "
+                        f"({time.perf_counter() - start:.0f} s)\n\n```\n{done.stdout.strip()}\n```\n")
+    name = "README_table_quick.md" if quick else "README_table.md"
+    (HERE / "results" / name).write_text("\n".join(sections))
+    print(f"wrote {HERE / 'results' / name}")
 
 
 if __name__ == "__main__":
