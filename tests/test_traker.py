@@ -261,3 +261,15 @@ def test_reopened_store_exposes_proj_dim_and_features(tmp_path, linear_checkpoin
         reopened.target_features("other", 0)
     with pytest.raises(ValueError, match="proj_dim is known after"):
         _ = make(tmp_path / "empty").proj_dim
+
+
+def test_parameter_leaves_larger_than_a_block(tmp_path, linear_checkpoints, data):
+    """P generated in a loop of row blocks (leaf w: 640 rows, blocks of 16 and 100) inside
+    the TRAKer's sharded featurize gives the same scores as one block per leaf."""
+    params = linear_checkpoints[:1]
+    _, reference = full_run(tmp_path / "one", params, data)
+    for block_rows in (16, 100):
+        blocked = trax_attr.rademacher(64, dtype=jnp.float32, block_rows=block_rows)
+        _, scores = full_run(tmp_path / f"b{block_rows}", params, data, projector=blocked)
+        np.testing.assert_allclose(scores, reference, rtol=1e-4,
+                                   atol=1e-5 * np.abs(reference).max())

@@ -260,15 +260,16 @@ def _project_leaf(projector: Projector, key, g: jax.Array, offset: int, rows: in
             return matrix_block(projector, key, offset + start, num, col_start, num_cols)
         return jax.lax.dynamic_slice_in_dim(cached, start, num, axis=0)
 
-    acc = jnp.zeros((g.shape[0], num_cols), jnp.float32)
-    if full:
-        def body(i, acc):
-            g_block = jax.lax.dynamic_slice_in_dim(g, i * rows, rows, axis=1)
-            return acc + jnp.dot(g_block, block_of(i * rows, rows),
-                                 preferred_element_type=jnp.float32)
+    def product(i, num):
+        g_block = jax.lax.dynamic_slice_in_dim(g, i * rows, num, axis=1)
+        return jnp.dot(g_block, block_of(i * rows, num), preferred_element_type=jnp.float32)
 
-        acc = jax.lax.fori_loop(0, full, body, acc)
-    if rem:
+    # The sum starts from a product with g, not from zeros: inside shard_map the loop's
+    # carry must vary over the devices exactly as g does.
+    acc = product(0, rows) if full else product(0, rem)
+    if full > 1:
+        acc = jax.lax.fori_loop(1, full, lambda i, acc: acc + product(i, rows), acc)
+    if full and rem:
         acc = acc + jnp.dot(g[:, full * rows:], block_of(full * rows, rem),
                             preferred_element_type=jnp.float32)
     return acc
