@@ -6,10 +6,10 @@ words, its row and its column. The matrix is therefore the same on every backend
 every batch size and for every block size, and any block of it can be made on its own
 inside ``jit`` without materialising the rest. Hashing runs at ~1.5e9 entries/s on a
 2-core CPU, fifteen times ``jax.random``'s threefry, so P is regenerated block by block for
-every batch at the full matmul rate: 371 GFLOP/s in bfloat16 for d = 1.13M, k = 2048
+every batch at about the bfloat16 matmul rate: ~350 GFLOP/s for d = 1.13M, k = 2048
 (``benchmarks/featurize_dtype.py``). Keeping P instead (``max_cache_bytes``, off by
-default) measured no faster: equal in float32, 10% faster for a 10k-parameter MLP and
-2.8x slower at d = 1.13M in bfloat16, where a 4.6 GB matrix is streamed from memory.
+default) measured no faster: equal in float32, ~10% faster for a 10k-parameter MLP and
+~3x slower at d = 1.13M in bfloat16, where a 4.6 GB matrix is streamed from memory.
 
 Kinds:
 
