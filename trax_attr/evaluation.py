@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from .store import replace_file_atomic
 
 __all__ = [
     "LDSResult",
@@ -413,18 +414,7 @@ def _digest(*parts) -> str:
 
 
 def _save_npz_atomic(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    replace_file_atomic(path, lambda handle: np.savez(handle, **arrays), binary=True)
 
 
 def subset_retraining(key, train, targets, *, num_models: int = 256, alpha: float = 0.5,

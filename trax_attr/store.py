@@ -102,6 +102,23 @@ def _writing(path: Path, what: str) -> Iterator[None]:
         ) from err
 
 
+def replace_file_atomic(path: Path, write: Callable[[Any], None], *, binary: bool = False) -> None:
+    """Replace ``path`` by what ``write(handle)`` writes, atomically: readers see the old
+    file or the new one (temp file in the same folder, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Replace ``path`` by ``data`` as JSON, atomically: readers see the old or the new.
 
@@ -111,17 +128,8 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink()  # left by a killed writer; callers hold the meta lock
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        replace_file_atomic(path, lambda handle: json.dump(data, handle, indent=1,
+                                                           sort_keys=True))
         _fsync_dir(path.parent)
 
 
