@@ -1,8 +1,9 @@
 """Scores from features: τ = mean_m(Φ_m A_m φ_m(z)ᵀ) · mean_m(Q_m), chunked over rows.
 
 The pure functions here are the math of DESIGN.md; ``trak_scores`` is the whole
-computation in one jittable call for data that fits in memory, and the store path of the
-TRAKer applies :func:`score_block` to row chunks so memory does not grow with n_train.
+computation in one jittable call for data that fits in memory. The TRAKer's store path
+streams the same products chunk by chunk over a mesh (``sharding.stream_scores``), so its
+memory does not grow with n_train.
 """
 
 from __future__ import annotations

@@ -443,10 +443,6 @@ class Store:
         """Path of a checkpoint's array file (``grads``, ``out_to_loss``, ``done``...)."""
         return self._inside(self.model_dir(model_id) / f"{check_name('array', name)}.npy")
 
-    def write_model_meta(self, model_id: int, meta: dict[str, Any]) -> None:
-        with self.lock("meta", wait=True):
-            write_json_atomic(self.model_dir(model_id) / "meta.json", meta)
-
     def create_model(self, model_id: int, fingerprint: str) -> dict[str, Any]:
         """The meta of ``model_id``, created for ``fingerprint`` if absent (race-free)."""
         meta = self.model_meta(model_id)
@@ -509,25 +505,6 @@ class Store:
                     f"Delete the folder {str(path.parent)!r} and featurize model_id={model_id} "
                     "again.")
         return self.open_array(path, shape, np.float32, "r")
-
-    def finalize_model(self, model_id: int, n: int, k: int,
-                       fill: Callable[[np.memmap], None]) -> None:
-        """Write features.npy with ``fill(out (n, k) f32)`` and mark the checkpoint finalized.
-
-        Call under :meth:`model_lock` (exclusive). The sizes and digests of features, grads
-        and out_to_loss are recorded in the same atomic metadata write as the flag.
-        """
-        tmp = self.begin_features(model_id, n, k)
-        try:
-            with _writing(tmp, "features"):
-                array = _open_memmap(tmp, "r+")
-                fill(array)
-                array.flush()
-                del array
-        except BaseException:
-            self.discard_features(model_id)
-            raise
-        self.publish_features(model_id)
 
     def features_partial(self, model_id: int) -> Path:
         # One fixed name, not mkstemp: in a multi-process finalize (TRAKer with
@@ -666,10 +643,6 @@ class Store:
                              "'model_ids'; the store's metadata is corrupted. "
                              + _repair_hint(path))
         return meta
-
-    def write_experiment_meta(self, name: str, meta: dict[str, Any]) -> None:
-        with self.lock("meta", wait=True):
-            write_json_atomic(self.experiment_dir(name) / "meta.json", meta)
 
     def update_experiment_meta(self, name: str,
                                update: Callable[[dict[str, Any] | None], dict[str, Any]]
