@@ -13,6 +13,13 @@ avg_pool2d, Tensor.chunk (so attention blocks) and differs from torch's exact GE
 The op list below is deliberately small and each op is checked against torch in
 tests/interop/test_convert.py; anything else raises :class:`UnsupportedOpError`
 naming the op, before any computation, and points to ``backend="torch"``.
+
+Besides layers, the list holds the tensor glue of attention code: einsum, where,
+masked_fill, tril/triu, factories (arange, ones, zeros, full and their ``_like``), casts
+(``.bool()``, ``.to(dtype)`` ...), comparisons and logical operators, and shape arithmetic
+(``x.shape``, ``x.size(1)``, ``//``, ``math.sqrt``). Tensors made inside forward
+(``torch.tensor(-1e9)``) become constants of the JAX function. Dtypes follow JAX: int64
+and float64 are int32 and float32 unless ``jax_enable_x64`` is set.
 """
 
 from __future__ import annotations
@@ -194,12 +201,19 @@ def _sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
                       precision=jax.lax.Precision.HIGHEST)
 
 
-def _softmax(x, dim=None, *args, dtype=None, **kwargs):
-    return jax.nn.softmax(x, axis=dim)
+def _softmax_of(fn):
+    def softmax(x, dim=None, _stacklevel=3, dtype=None):
+        if dtype is not None:
+            x = x.astype(_dtype(dtype))
+        if dim is None:  # torch's legacy implicit dim (F._get_softmax_dim), not all axes
+            dim = 0 if x.ndim in (0, 1, 3) else 1
+        return fn(x, axis=dim)
+
+    return softmax
 
 
-def _log_softmax(x, dim=None, *args, dtype=None, **kwargs):
-    return jax.nn.log_softmax(x, axis=dim)
+_softmax = _softmax_of(jax.nn.softmax)
+_log_softmax = _softmax_of(jax.nn.log_softmax)
 
 
 def _flatten(x, start_dim=0, end_dim=-1):
@@ -208,8 +222,9 @@ def _flatten(x, start_dim=0, end_dim=-1):
     return x.reshape(x.shape[:start] + (-1,) + x.shape[end + 1:])
 
 
-def _shape_args(x, *shape):
-    return tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+def _sizes(size) -> tuple[int, ...]:
+    """torch's ``view(2, 3)`` and ``view((2, 3))``, ``ones(2, 3)`` and ``ones((2, 3))`` alike."""
+    return tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list)) else size
 
 
 def _chunk(x, chunks, dim=0):
@@ -243,6 +258,127 @@ def _squeeze(x, dim=None):
     return jnp.squeeze(x, dim) if x.shape[dim] == 1 else x
 
 
+# --- dtypes, factories, masks and casts: the glue of attention code ---------------------------
+
+_DTYPES = {torch.float32: jnp.float32, torch.float64: jnp.float64, torch.float16: jnp.float16,
+           torch.bfloat16: jnp.bfloat16, torch.int8: jnp.int8, torch.int16: jnp.int16,
+           torch.int32: jnp.int32, torch.int64: jnp.int64, torch.uint8: jnp.uint8,
+           torch.bool: jnp.bool_}
+
+
+def _dtype(dtype):
+    """A torch (or numpy) dtype as JAX's; 64-bit types become 32-bit unless jax_enable_x64,
+    as everywhere in JAX (torch's default int64 indices are int32 here)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES:
+            raise _unsupported(f"dtype {dtype}",
+                               f" (converted dtypes: {sorted(map(str, _DTYPES))})")
+        dtype = _DTYPES[dtype]
+    return jax.dtypes.canonicalize_dtype(dtype)
+
+
+def _constant(tensor: torch.Tensor) -> jax.Array:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        return jnp.asarray(tensor.float().numpy(), jnp.bfloat16)
+    return jnp.asarray(tensor.numpy(), _dtype(tensor.dtype))
+
+
+def _factory(fill: float):
+    def make(*size, dtype=None, out=None, layout=None, device=None, pin_memory=False,
+             requires_grad=False):
+        del layout, device, pin_memory, requires_grad  # placement is JAX's business
+        if out is not None:
+            raise _unsupported(f"a tensor factory with out= (fill {fill})")
+        return jnp.full(_sizes(size), fill, _dtype(dtype or torch.get_default_dtype()))
+
+    return make
+
+
+def _full(size, fill_value, *, dtype=None, out=None, layout=None, device=None,
+          pin_memory=False, requires_grad=False):
+    if out is not None:
+        raise _unsupported("torch.full with out=")
+    if dtype is None and isinstance(fill_value, float):
+        dtype = torch.get_default_dtype()
+    return jnp.full(tuple(size), fill_value, None if dtype is None else _dtype(dtype))
+
+
+def _like(fill):
+    def like(x, *args, dtype=None, layout=None, device=None, requires_grad=False,
+             memory_format=None):
+        value = args[0] if fill is None else fill  # full_like(x, fill_value)
+        return jnp.full_like(x, value, None if dtype is None else _dtype(dtype))
+
+    return like
+
+
+def _arange(start, end=None, step=1, *, dtype=None, out=None, layout=None, device=None,
+            pin_memory=False, requires_grad=False):
+    if out is not None:
+        raise _unsupported("torch.arange with out=")
+    if dtype is None and any(isinstance(v, float) for v in (start, end, step)):
+        dtype = torch.get_default_dtype()
+    return jnp.arange(start, end, step, dtype=None if dtype is None else _dtype(dtype))
+
+
+def _einsum(equation, *operands):
+    if len(operands) == 1 and isinstance(operands[0], (tuple, list)):
+        operands = tuple(operands[0])  # torch.einsum("ij,jk", [a, b])
+    return jnp.einsum(equation, *operands, precision=jax.lax.Precision.HIGHEST)
+
+
+def _where(condition, input=None, other=None):
+    if input is None and other is None:
+        raise _unsupported("torch.where(condition) with one argument",
+                           " (its output size depends on the data)")
+    return jnp.where(condition, input, other)
+
+
+def _masked_fill(x, mask, value):
+    return jnp.where(mask, jnp.asarray(value).astype(x.dtype), x)
+
+
+def _to(x, *args, dtype=None, non_blocking=False, copy=False, device=None,
+        memory_format=None):
+    """Tensor.to(dtype), .to(other), .to(device[, dtype]): only the dtype matters here."""
+    for arg in args:
+        if isinstance(arg, jax.Array):
+            dtype = arg.dtype
+        elif isinstance(arg, (torch.dtype, np.dtype, type)):
+            dtype = arg
+        elif not (arg is None or isinstance(arg, (str, bool, torch.device))):
+            raise _unsupported(f"Tensor.to({arg!r})")
+    return x if dtype is None else x.astype(_dtype(dtype))
+
+
+def _cast(dtype):
+    return lambda x, memory_format=None: x.astype(_dtype(dtype))
+
+
+def _getattr(x, name):
+    # the device is JAX's placement: None makes factories and .to(device) ignore it
+    return None if name == "device" and isinstance(x, jax.Array) else getattr(x, name)
+
+
+def _scalar_math(fn):
+    """fx records math.sqrt(d) etc. on traced sizes; at run time they are Python numbers."""
+    def apply(*args):
+        if any(isinstance(a, jax.Array) for a in args):
+            raise _unsupported(f"math.{fn.__name__} of a tensor",
+                               f"; use torch.{fn.__name__} for tensors")
+        return fn(*args)
+
+    return apply
+
+
+_MATH = {fn: _scalar_math(fn) for name, fn in vars(math).items()
+         if not name.startswith("_") and callable(fn)}
+
+_ELEMENTWISE = {"exp": jnp.exp, "log": jnp.log, "sqrt": jnp.sqrt, "rsqrt": jax.lax.rsqrt,
+                "abs": jnp.abs}
+
+
 SUPPORTED_FUNCTIONS: dict[Any, Callable] = {
     F.linear: _linear,
     F.conv1d: _conv(1),
@@ -272,24 +408,54 @@ SUPPORTED_FUNCTIONS: dict[Any, Callable] = {
     torch.transpose: lambda x, a, b: jnp.swapaxes(x, a, b),
     torch.mean: _reduce(jnp.mean),
     torch.sum: _reduce(jnp.sum),
+    torch.softmax: _softmax,
+    torch.log_softmax: _log_softmax,
+    torch.einsum: _einsum,
+    torch.where: _where,
+    torch.masked_fill: _masked_fill,
+    torch.tril: lambda x, diagonal=0: jnp.tril(x, diagonal),
+    torch.triu: lambda x, diagonal=0: jnp.triu(x, diagonal),
+    torch.arange: _arange,
+    torch.ones: _factory(1),
+    torch.zeros: _factory(0),
+    torch.full: _full,
+    torch.ones_like: _like(1),
+    torch.zeros_like: _like(0),
+    torch.full_like: _like(None),
+    torch.stack: lambda tensors, dim=0: jnp.stack(tensors, axis=dim),
+    **{getattr(torch, name): fn for name, fn in _ELEMENTWISE.items()},
     operator.add: operator.add,
     operator.sub: operator.sub,
     operator.mul: operator.mul,
     operator.truediv: operator.truediv,
     operator.neg: operator.neg,
     operator.matmul: lambda a, b: jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST),
+    operator.floordiv: operator.floordiv,
+    operator.mod: operator.mod,
+    operator.pow: operator.pow,
+    operator.and_: operator.and_,
+    operator.or_: operator.or_,
+    operator.xor: operator.xor,
+    operator.invert: operator.invert,
+    operator.eq: operator.eq,
+    operator.ne: operator.ne,
+    operator.lt: operator.lt,
+    operator.le: operator.le,
+    operator.gt: operator.gt,
+    operator.ge: operator.ge,
     operator.getitem: operator.getitem,
-    getattr: getattr,
+    getattr: _getattr,
+    **_MATH,
 }
 
 SUPPORTED_METHODS: dict[str, Callable] = {
-    "view": lambda x, *shape: x.reshape(_shape_args(x, *shape)),
-    "reshape": lambda x, *shape: x.reshape(_shape_args(x, *shape)),
+    "view": lambda x, *shape: x.reshape(_sizes(shape)),
+    "reshape": lambda x, *shape: x.reshape(_sizes(shape)),
     "flatten": _flatten,
     "chunk": _chunk,
     "split": _split,
     "transpose": lambda x, a, b: jnp.swapaxes(x, a, b),
-    "permute": lambda x, *dims: jnp.transpose(x, _shape_args(x, *dims)),
+    "permute": lambda x, *dims: jnp.transpose(x, _sizes(dims)),
     "contiguous": lambda x: x,
     "size": _size,
     "mean": _reduce(jnp.mean),
@@ -300,6 +466,21 @@ SUPPORTED_METHODS: dict[str, Callable] = {
     "squeeze": _squeeze,
     "add": operator.add,
     "mul": operator.mul,
+    "log_softmax": _log_softmax,
+    "masked_fill": _masked_fill,
+    "where": lambda x, condition, other: jnp.where(condition, x, other),
+    "tril": lambda x, diagonal=0: jnp.tril(x, diagonal),
+    "triu": lambda x, diagonal=0: jnp.triu(x, diagonal),
+    "to": _to,
+    "type_as": lambda x, other: x.astype(other.dtype),
+    "bool": _cast(torch.bool),
+    "float": _cast(torch.float32),
+    "double": _cast(torch.float64),
+    "half": _cast(torch.float16),
+    "int": _cast(torch.int32),
+    "long": _cast(torch.int64),
+    "dim": lambda x: x.ndim,
+    **{name: lambda x, fn=fn: fn(x) for name, fn in _ELEMENTWISE.items()},
 }
 
 
@@ -364,7 +545,8 @@ SUPPORTED_MODULES: dict[type, Callable] = {
     nn.Identity: _stateless(lambda m, x: x),
     nn.Dropout: _stateless(lambda m, x: x),
     nn.Flatten: _stateless(lambda m, x: _flatten(x, m.start_dim, m.end_dim)),
-    nn.Softmax: _stateless(lambda m, x: jax.nn.softmax(x, axis=m.dim)),
+    nn.Softmax: _stateless(lambda m, x: _softmax(x, m.dim)),
+    nn.LogSoftmax: _stateless(lambda m, x: _log_softmax(x, m.dim)),
     nn.MaxPool1d: _stateless(lambda m, x: _pool(1, "max")(
         x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
         return_indices=m.return_indices)),
@@ -427,6 +609,7 @@ def convert(module: nn.Module) -> Callable[..., Any]:
         handler = SUPPORTED_MODULES[type(module)]
         return lambda params, buffers, *inputs: handler(module, "", {**buffers, **params},
                                                         *inputs)
+    attributes = set(vars(module))
     try:
         graph = _Tracer().trace(module)
     except Exception as err:  # fx raises many types; the cause is kept
@@ -435,7 +618,27 @@ def convert(module: nn.Module) -> Callable[..., Any]:
             "the converted route needs a forward without data-dependent Python control flow. "
             "Use backend=\"torch\"."
         ) from err
+    finally:
+        # fx stores tensors made in forward (torch.tensor(-1e9)) as new attributes of the
+        # root module: taken out again, so the user's module is left as it was.
+        traced = {name: vars(module).pop(name) for name in set(vars(module)) - attributes}
     modules = dict(module.named_modules())
+    # Tensors read with get_attr other than parameters and float buffers (those come from
+    # the dicts passed to apply) are constants: fx's traced constants, plain tensor
+    # attributes, and integer buffers (the models' split passes only float buffers).
+    passed = {name for name, _ in module.named_parameters(remove_duplicate=False)}
+    passed |= {name for name, b in module.named_buffers(remove_duplicate=False)
+               if b.is_floating_point()}
+    constants = {}
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target not in passed:
+            value = traced.get(node.target, module)
+            if node.target not in traced:
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+            if not isinstance(value, torch.Tensor):
+                raise _unsupported(f"attribute {node.target!r} of type {type(value).__name__}")
+            constants[node.target] = _constant(value)
     # Check every node before running anything, so an unsupported op fails at once.
     for node in graph.nodes:
         if node.op == "call_module":
@@ -468,10 +671,15 @@ def convert(module: nn.Module) -> Callable[..., Any]:
                             f"{type(module).__name__}.forward needs input {node.target!r}; "
                             f"got {len(inputs)} inputs.") from None
             elif node.op == "get_attr":
-                if node.target not in values:
-                    raise _unsupported(f"attribute {node.target!r} (neither a parameter nor a "
-                                       "buffer)")
-                env[node.name] = values[node.target]
+                if node.target in values:
+                    env[node.name] = values[node.target]
+                elif node.target in constants:
+                    env[node.name] = constants[node.target]
+                else:
+                    raise ValueError(
+                        f"{type(module).__name__} reads {node.target!r}, which is missing from "
+                        "the params and buffers passed to apply; pass every name of "
+                        "module.named_parameters() and its floating-point named_buffers().")
             elif node.op == "call_module":
                 target = modules[node.target]
                 prefix = f"{node.target}." if node.target else ""
