@@ -1,13 +1,22 @@
 """Text classification and causal LM: TRAK scores of the Flax models equal those of
 hand-written torch twins with the same weights (identity projector).
 
-The JAX side is trax_attr's functional core (featurize + trak_scores, float32). The torch
-side is independent: per-example gradients of the same outputs by torch.func (vmap of grad
-of functional_call), out-to-loss terms written in torch, and the scores solved in numpy
-float64. Agreement: max |τ_jax - τ_torch| / max |τ_torch| <= 1e-4.
+The Flax side is trax_attr's functional core (featurize + trak_scores, float32). One set
+of torch twins is checked two ways:
+
+* independently of interop: per-example gradients of the same outputs by torch.func (vmap
+  of grad of functional_call), out-to-loss terms written in torch, and the scores solved
+  in numpy float64;
+* through interop: the twin converted to JAX (backend="converted", its torch.fx graph
+  interpreted in jnp) and scored by the same functional core, and the torch-native route
+  (backend="torch", the task written in torch) on the same twin.
+
+Agreement: max |τ_a - τ_b| / max |τ_b| <= 1e-4 for every pair compared.
 """
 
+import functools
 import math
+from typing import Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -16,6 +25,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch twins need torch (the interop extra)")
 from torch import nn  # noqa: E402
 
+import interop  # noqa: E402
 import trax_attr  # noqa: E402
 import task_models as tm  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -28,13 +38,15 @@ class TAttention(nn.Module):
         self.heads, self.causal = heads, causal
 
     def forward(self, x, mask):
+        # written so torch.fx traces it (the converted route): the chunks are unpacked, not
+        # iterated, and the mask's size is one tuple argument
         b, t, d = x.shape
-        q, k, v = (a.reshape(b, t, self.heads, d // self.heads)
-                   for a in self.qkv(x).chunk(3, dim=-1))
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (a.reshape(b, t, self.heads, d // self.heads) for a in (q, k, v))
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d // self.heads)
         allowed = mask[:, None, None, :].bool()
         if self.causal:
-            allowed = allowed & torch.ones(t, t, dtype=torch.bool).tril()
+            allowed = allowed & torch.ones((t, t), dtype=torch.bool).tril()
         weights = torch.softmax(torch.where(allowed, scores, torch.tensor(-1e9)), dim=-1)
         return self.out(torch.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d))
 
@@ -118,64 +130,150 @@ def numpy_scores(phi, q, phi_targets, lambda_reg):
     return np.linalg.solve(kernel, phi @ phi_targets.T) * q[:, None]
 
 
-def compare(module, twin, task, train, target, torch_output, torch_q):
-    copy_weights(module, twin)
+def text_output(model, ids, types, mask, label):
+    return torch_margin(model(ids[None], types[None], mask[None])[0], label)
+
+
+def text_q(model, batch):
+    ids, types, mask, labels = batch
+    p = torch.softmax(model(ids, types, mask), -1)[torch.arange(len(labels)), labels]
+    return 1 - p
+
+
+def lm_output(model, ids, mask, loss_mask):
+    logits = model(ids[None], mask[None])[0, :-1]
+    w = mask[:-1] * mask[1:] * loss_mask[1:]
+    margins = torch.stack([torch_margin(logits[t], ids[t + 1]) for t in range(len(w))])
+    return (w * margins).sum()
+
+
+def lm_q(model, batch):
+    ids, mask, loss_mask = batch
+    logits = model(ids, mask)[:, :-1]
+    p = torch.softmax(logits, -1).gather(-1, ids[:, 1:, None].long())[..., 0]
+    w = (mask[:, :-1] * mask[:, 1:] * loss_mask[:, 1:]).to(p.dtype)
+    return (w * (1 - p)).sum(-1) / w.sum(-1).clamp(min=1)
+
+
+class Case(NamedTuple):
+    """A Flax model, its torch twin, data, and the task's output and 1 - p in torch."""
+
+    flax: Callable[[], nnx.Module]
+    twin: Callable[[], nn.Module]
+    train: tuple
+    target: tuple
+    output: Callable  # output(model, *example) -> () for ONE example
+    q: Callable       # q(model, batch) -> (B,)
+
+
+CASES = {
+    "text_classification": Case(  # d = 915
+        lambda: tm.build(tm.EncoderClassifier, 0, vocab=20, dim=8),
+        lambda: TEncoderClassifier(vocab=20, dim=8),
+        tm.text_batch(1, 32, vocab=20), tm.text_batch(2, 6, vocab=20), text_output, text_q),
+    "causal_lm": Case(  # d = 933
+        lambda: tm.build(tm.Decoder, 1, vocab=13, dim=8),
+        lambda: TDecoder(vocab=13, dim=8),
+        tm.lm_batch(1, 32, vocab=13, with_loss_mask=True),
+        tm.lm_batch(2, 6, vocab=13, with_loss_mask=True), lm_output, lm_q),
+}
+
+
+class Flax(NamedTuple):
+    module: nnx.Module
+    phi: np.ndarray          # (n, d) f32, train features
+    q: np.ndarray            # (n,) f32
+    phi_targets: np.ndarray  # (m, d) f32
+    lambda_reg: float
+    scores: np.ndarray       # (n, m) f32
+
+
+@functools.cache
+def flax_side(task: str) -> Flax:
+    """The Flax model's identity-projector scores, computed once per test run."""
+    case = CASES[task]
+    module = case.flax()
     features = jax.jit(lambda batch: trax_attr.featurize(module, None, batch, task=task))
-    phi, q = features(train)
-    phi_t, _ = features(target)
+    phi, q = features(case.train)
+    phi_t, _ = features(case.target)
     # n < d: XᵀX has rank n, so λ is set against its n nonzero eigenvalues (mean trace / n)
     lambda_reg = 0.1 * float(np.sum(np.asarray(phi, np.float64) ** 2)) / len(phi)
-    jax_scores = np.asarray(trax_attr.trak_scores(phi[None], q[None], phi_t[None], lambda_reg))
+    scores = trax_attr.trak_scores(phi[None], q[None], phi_t[None], lambda_reg)
+    return Flax(module, *(np.asarray(a) for a in (phi, q, phi_t)), lambda_reg,
+                np.asarray(scores))
 
+
+def twin_of(task: str) -> nn.Module:
+    twin = CASES[task].twin()
+    copy_weights(flax_side(task).module, twin)
+    return twin.eval()
+
+
+def rel_diff(got, want) -> float:
+    """max |got - want| / max |want|."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("task", sorted(CASES))
+def test_scores_match_torch_func_twin(task):
+    """Flax vs the twin differentiated by torch.func, solved in numpy: no interop code."""
+    case, flax = CASES[task], flax_side(task)
+    twin = twin_of(task)
     to_torch = lambda batch: tuple(torch.from_numpy(np.asarray(a)) for a in batch)
-    t_train, t_target = to_torch(train), to_torch(target)
-    t_phi = torch_features(twin, torch_output, t_train)
-    t_phi_targets = torch_features(twin, torch_output, t_target)
+    t_train, t_target = to_torch(case.train), to_torch(case.target)
+    t_phi = torch_features(twin, case.output, t_train)
+    t_phi_targets = torch_features(twin, case.output, t_target)
     with torch.no_grad():
-        t_q = torch_q(twin, t_train).double().numpy()
-    np.testing.assert_allclose(q, t_q, rtol=1e-5, atol=1e-7)
+        t_q = case.q(twin, t_train).double().numpy()
+    np.testing.assert_allclose(flax.q, t_q, rtol=1e-5, atol=1e-7)
     # the features agree up to the order of coordinates, which their Gram matrices ignore
-    gram = np.asarray(phi, np.float64) @ np.asarray(phi_t, np.float64).T
+    gram = flax.phi.astype(np.float64) @ flax.phi_targets.astype(np.float64).T
     np.testing.assert_allclose(gram, t_phi @ t_phi_targets.T, rtol=1e-4,
                                atol=1e-5 * np.abs(gram).max())
-    expected = numpy_scores(t_phi, t_q, t_phi_targets, lambda_reg)
-    rel = np.abs(jax_scores - expected).max() / np.abs(expected).max()
-    print(f"{task}: d = {phi.shape[1]}, max |jax - torch| / max |torch| = {rel:.2e}")
+    expected = numpy_scores(t_phi, t_q, t_phi_targets, flax.lambda_reg)
+    rel = rel_diff(flax.scores, expected)
+    print(f"{task}: d = {flax.phi.shape[1]}, max |flax - torch.func| / max |torch.func| = "
+          f"{rel:.2e}")
     assert rel <= 1e-4, rel
 
 
-def test_text_classification_scores_match_torch_twin():
-    module = tm.build(tm.EncoderClassifier, 0, vocab=20, dim=8)  # d = 915
-    twin = TEncoderClassifier(vocab=20, dim=8)
+class TorchTask(NamedTuple):
+    """A task in torch for backend="torch": the same output and q functions as above."""
 
-    def output(model, ids, types, mask, label):
-        return torch_margin(model(ids[None], types[None], mask[None])[0], label)
+    output: Callable
+    q: Callable
 
-    def q(model, batch):
-        ids, types, mask, labels = batch
-        p = torch.softmax(model(ids, types, mask), -1)[torch.arange(len(labels)), labels]
-        return 1 - p
+    def get_output(self, call, params, *example):
+        return self.output(lambda *inputs: call(params, *inputs), *example)
 
-    compare(module, twin, "text_classification", tm.text_batch(1, 32, vocab=20),
-            tm.text_batch(2, 6, vocab=20), output, q)
+    def get_out_to_loss_grad(self, call, params, batch):
+        return self.q(lambda *inputs: call(params, *inputs), batch)
 
 
-def test_causal_lm_scores_match_torch_twin():
-    module = tm.build(tm.Decoder, 1, vocab=13, dim=8)  # d = 933
-    twin = TDecoder(vocab=13, dim=8)
+@pytest.mark.parametrize("task", sorted(CASES))
+def test_scores_match_converted_twin(task):
+    """Flax vs the twin converted by interop (backend="converted"), both scored by the
+    functional core; the torch-native route (backend="torch") on the same twin too."""
+    case, flax = CASES[task], flax_side(task)
+    twin = twin_of(task)
+    converted = trax_attr.as_model(twin, backend="converted")
+    features = jax.jit(lambda batch: trax_attr.featurize(converted, None, batch, task=task))
+    phi, q = features(case.train)
+    phi_t, _ = features(case.target)
+    np.testing.assert_allclose(q, flax.q, rtol=1e-5, atol=1e-7)
+    scores = np.asarray(trax_attr.trak_scores(phi[None], q[None], phi_t[None], flax.lambda_reg))
+    rel = rel_diff(scores, flax.scores)
+    print(f"{task}: d = {phi.shape[1]}, max |converted - flax| / max |flax| = {rel:.2e}")
+    assert rel <= 1e-4, rel
 
-    def output(model, ids, mask, loss_mask):
-        logits = model(ids[None], mask[None])[0, :-1]
-        w = mask[:-1] * mask[1:] * loss_mask[1:]
-        margins = torch.stack([torch_margin(logits[t], ids[t + 1]) for t in range(len(w))])
-        return (w * margins).sum()
-
-    def q(model, batch):
-        ids, mask, loss_mask = batch
-        logits = model(ids, mask)[:, :-1]
-        p = torch.softmax(logits, -1).gather(-1, ids[:, 1:, None].long())[..., 0]
-        w = (mask[:, :-1] * mask[:, 1:] * loss_mask[:, 1:]).to(p.dtype)
-        return (w * (1 - p)).sum(-1) / w.sum(-1).clamp(min=1)
-
-    compare(module, twin, "causal_lm", tm.lm_batch(1, 32, vocab=13, with_loss_mask=True),
-            tm.lm_batch(2, 6, vocab=13, with_loss_mask=True), output, q)
+    # torch-native: the same parameter layout (state_dict names), so the same features
+    native = interop.torch_model(twin, "torch", torch_task=TorchTask(case.output, case.q))
+    phi_n, q_n = trax_attr.featurize(native, None, case.train, task=task)
+    phi_tn, _ = trax_attr.featurize(native, None, case.target, task=task)
+    np.testing.assert_allclose(phi_n, phi, rtol=1e-4, atol=1e-5 * np.abs(phi).max())
+    np.testing.assert_allclose(q_n, q, rtol=1e-5, atol=1e-7)
+    scores_n = trax_attr.trak_scores(phi_n[None], q_n[None], phi_tn[None], flax.lambda_reg)
+    rel_n = rel_diff(scores_n, scores)
+    print(f"{task}: max |torch-native - converted| / max |converted| = {rel_n:.2e}")
+    assert rel_n <= 1e-4, rel_n
