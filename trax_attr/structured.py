@@ -97,123 +97,32 @@ def layer_keys(key: jax.Array, path: str) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(layer, 0), jax.random.fold_in(layer, 1)
 
 
-def _tapped_output(task, model, selection, rest, state):
-    """f(selected, perturbations, example) -> (output, taps): the task output with a zero
-    perturbation added to each tapped dense output; taps maps call index -> (path, x)."""
+class _Call(NamedTuple):
+    """One tapped layer call seen while tracing one example."""
 
-    def output(selected, perts, example):
-        xs = []
-
-        def tap(path, x, y):
-            i = len(xs)
-            xs.append((path, x))
-            if perts is None:
-                return y
-            return y + perts[i].astype(y.dtype)
-
-        def apply_fn(sel, *inputs):
-            return model.apply_tapped(selection.merge(sel, rest), state, tap, *inputs)
-
-        out = task.get_output(apply_fn, selected, *example)
-        return out, tuple(xs)
-
-    return output
+    index: int  # position among all tap calls of the trace
+    path: str  # the kernel's leaf path
+    x_shape: tuple
+    x_is_index: bool  # integer x: row indices of an embedding lookup
+    y_shape: tuple
+    transposed: bool  # y = x Wᵀ (an embedding's attend)
 
 
-def covered_layers(task, model, selection, selected, rest, state, example):
-    """Trace one example -> list of (call index, kernel path, x shape, y shape) of the
-    tapped layers whose kernel is selected."""
+def _trace_calls(task, model, selection, selected, rest, state, example) -> list[_Call]:
+    """Trace one example and list every tap call, in call order."""
     if getattr(model, "apply_tapped", None) is None:
         raise TypeError(
             f"projector='kronecker' needs a model that reports its dense layers, but "
-            f"{model.name} has no apply_tapped. Use a flax.linen model, or build "
-            "trax_attr.Model(apply, split, name, apply_tapped=fn) where fn(params, state, "
-            "tap, *inputs) calls y = tap(kernel_path, x, y) on each dense layer.")
-    shapes = []
-
-    def run(sel, ex):
-        calls = []
-
-        def tap(path, x, y):
-            calls.append((path, x.shape, y.shape))
-            return y
-
-        def apply_fn(s, *inputs):
-            return model.apply_tapped(selection.merge(s, rest), state, tap, *inputs)
-
-        out = task.get_output(apply_fn, sel, *ex)
-        shapes.extend(calls)
-        return out
-
-    jax.eval_shape(run, selected, example)
-    paths = set(selection.paths)
-    return [(i, p, xs, ys) for i, (p, xs, ys) in enumerate(shapes) if p in paths]
-
-
-def structured_features(projector: KroneckerProjector, task, model, selection, selected,
-                        rest, state, key, batch) -> jax.Array:
-    """φ ``(B, k) f32`` of a batch; covered kernels' gradients are never formed."""
-    example0 = jax.tree.map(lambda a: a[0], batch)
-    layers = covered_layers(task, model, selection, selected, rest, state, example0)
-    kernel_paths = []
-    for _, p, _, _ in layers:
-        if p not in kernel_paths:
-            kernel_paths.append(p)
-    kernel_paths.sort(key=selection.paths.index)
-    covered = set(kernel_paths)
-    fb_idx = [i for i, p in enumerate(selection.paths) if p not in covered]
-    d = selection.grad_dim
-    output = _tapped_output(task, model, selection, rest, state)
-    y_shapes = _y_shapes(task, model, selection, selected, rest, state, example0)
-
-    def one(example):
-        def f(fb_leaves, perts):
-            sel = list(selected)
-            for j, i in enumerate(fb_idx):
-                sel[i] = fb_leaves[j]
-            return output(tuple(sel), perts, example)
-
-        # a zero perturbation on every tapped call: its cotangent is δ_t of that call
-        perts = tuple(jnp.zeros(s, jnp.float32) for s in y_shapes)
-        fb = tuple(selected[i] for i in fb_idx)
-        (g_fb, g_perts), xs = jax.grad(f, argnums=(0, 1), has_aux=True)(fb, perts)
-        return g_fb, g_perts, tuple(x for _, x in xs)
-
-    g_fb, g_perts, xs = jax.vmap(one)(batch)
-    dtype = jnp.dtype(projector.dtype)
-    b = batch[0].shape[0]
-    per_layer = {p: jnp.zeros((b, projector.r_in, projector.r_out), jnp.float32)
-                 for p in kernel_paths}
-    mats = {}
-    for i, p, xshape, yshape in layers:
-        if p not in mats:
-            k_in, k_out = layer_keys(key, p)
-            mats[p] = (matrix_block(projector.layer_projector(projector.r_in), k_in, 0,
-                                    xshape[-1]),
-                       matrix_block(projector.layer_projector(projector.r_out), k_out, 0,
-                                    yshape[-1]))
-        p_in, p_out = mats[p]
-        x = xs[i].reshape(b, -1, xshape[-1]).astype(dtype)
-        delta = g_perts[i].reshape(b, -1, yshape[-1]).astype(dtype)
-        xp = jnp.einsum("btd,dr->btr", x, p_in, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("btd,dr->btr", delta, p_out, preferred_element_type=jnp.float32)
-        per_layer[p] = per_layer[p] + jnp.einsum("bti,btj->bij", xp, dp,
-                                                 precision=jax.lax.Precision.HIGHEST)
-    parts = [per_layer[p].reshape(b, -1) for p in kernel_paths]
-    if fb_idx:
-        grads = tuple(g.reshape(b, -1) for g in g_fb)
-        d_fb = sum(g.shape[1] for g in grads)
-        # project() normalises by √d_fb; the block-diagonal P normalises by the total √d
-        parts.append(project(projector.fallback, key, grads) * math.sqrt(d_fb))
-    return jnp.concatenate(parts, axis=1) / jnp.float32(math.sqrt(d))
-
-
-def _y_shapes(task, model, selection, selected, rest, state, example):
+            f"{model.name} has no apply_tapped. Use a flax.linen or flax.nnx model, or "
+            "build trax_attr.Model(apply, split, name, apply_tapped=fn) where fn(params, "
+            "state, tap, *inputs) calls y = tap(kernel_path, x, y) on each dense layer.")
     calls = []
 
     def run(sel):
-        def tap(path, x, y):
-            calls.append(y.shape)
+        def tap(path, x, y, transposed=False):
+            calls.append(_Call(len(calls), path, tuple(x.shape),
+                               bool(jnp.issubdtype(x.dtype, jnp.integer)), tuple(y.shape),
+                               bool(transposed)))
             return y
 
         def apply_fn(s, *inputs):
@@ -223,3 +132,111 @@ def _y_shapes(task, model, selection, selected, rest, state, example):
 
     jax.eval_shape(run, selected)
     return calls
+
+
+def _layer_dims(call: _Call, shape: tuple) -> tuple[int, int]:
+    """(d_in, d_out) of the kernel leaf of ``shape`` as seen by one tap call; raises
+    when the call does not fit the leaf."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if call.transposed:
+        d_out, d_in = call.x_shape[-1], call.y_shape[-1]
+    else:
+        d_out = call.y_shape[-1] if call.y_shape else 0
+        d_in = size // d_out if call.x_is_index and d_out else (
+            call.x_shape[-1] if call.x_shape else 0)
+    if d_in * d_out != size or (call.x_is_index and call.transposed):
+        raise ValueError(
+            f"apply_tapped reported the layer of {call.path!r} (shape {shape}) with x of "
+            f"shape {call.x_shape} and y of shape {call.y_shape}"
+            + (" (transposed)" if call.transposed else "") + ", which does not fit: tap "
+            "needs x (..., d_in) float or (...) integer row indices, y (..., d_out) with "
+            "the kernel's entries d_in·d_out in (d_in, d_out) row-major order (transposed: "
+            "x (..., d_out), y (..., d_in)). Reshape x and y to that form in the model's "
+            "apply_tapped.")
+    return d_in, d_out
+
+
+def covered_layers(task, model, selection, selected, rest, state, example) -> list[_Call]:
+    """Trace one example -> the tap calls whose kernel is selected, in call order."""
+    paths = set(selection.paths)
+    return [c for c in _trace_calls(task, model, selection, selected, rest, state, example)
+            if c.path in paths]
+
+
+def structured_features(projector: KroneckerProjector, task, model, selection, selected,
+                        rest, state, key, batch) -> jax.Array:
+    """φ ``(B, k) f32`` of a batch; covered kernels' gradients are never formed."""
+    example0 = jax.tree.map(lambda a: a[0], batch)
+    calls = _trace_calls(task, model, selection, selected, rest, state, example0)
+    leaf_shape = {p: np.shape(leaf) for p, leaf in zip(selection.paths, selected)}
+    layers = [c for c in calls if c.path in leaf_shape]
+    dims = {}
+    for c in layers:
+        d = _layer_dims(c, leaf_shape[c.path])
+        if dims.setdefault(c.path, d) != d:
+            raise ValueError(f"apply_tapped reported the layer of {c.path!r} with dims "
+                             f"{d} and {dims[c.path]} in two calls; they must agree.")
+    kernel_paths = sorted(dims, key=selection.paths.index)
+    fb_idx = [i for i, p in enumerate(selection.paths) if p not in dims]
+    d = selection.grad_dim
+
+    def one(example):
+        def f(fb_leaves, perts):
+            xs = []
+            sel = list(selected)
+            for j, i in enumerate(fb_idx):
+                sel[i] = fb_leaves[j]
+
+            def tap(path, x, y, transposed=False):
+                i = len(xs)
+                xs.append(x)
+                return y + perts[i].astype(y.dtype)
+
+            def apply_fn(s, *inputs):
+                return model.apply_tapped(selection.merge(s, rest), state, tap, *inputs)
+
+            return task.get_output(apply_fn, tuple(sel), *example), tuple(xs)
+
+        # a zero perturbation on every tapped call: its cotangent is δ_t of that call
+        perts = tuple(jnp.zeros(c.y_shape, jnp.float32) for c in calls)
+        fb = tuple(selected[i] for i in fb_idx)
+        (g_fb, g_perts), xs = jax.grad(f, argnums=(0, 1), has_aux=True)(fb, perts)
+        return g_fb, g_perts, tuple(xs[c.index] for c in layers)
+
+    g_fb, g_perts, xs = jax.vmap(one)(batch)
+    dtype = jnp.dtype(projector.dtype)
+    b = batch[0].shape[0]
+    mats = {}
+    for p in kernel_paths:
+        k_in, k_out = layer_keys(key, p)
+        d_in, d_out = dims[p]
+        mats[p] = (matrix_block(projector.layer_projector(projector.r_in), k_in, 0, d_in),
+                   matrix_block(projector.layer_projector(projector.r_out), k_out, 0, d_out))
+    per_layer = {p: jnp.zeros((b, projector.r_in, projector.r_out), jnp.float32)
+                 for p in kernel_paths}
+
+    def small(a, p_mat):
+        """(B, ..., d) -> (B, T, r): a projected on its last axis, positions flattened."""
+        a = a.reshape(b, -1, a.shape[-1]).astype(dtype)
+        return jnp.einsum("btd,dr->btr", a, p_mat.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    for c, x in zip(layers, xs):
+        p_in, p_out = mats[c.path]
+        delta = g_perts[c.index]
+        if c.transposed:  # y = x Wᵀ: δ meets the rows of W, x its columns
+            a, z = small(delta, p_in), small(x, p_out)
+        elif c.x_is_index:  # one-hot x: P_inᵀ x_t is the row P_in[x_t]
+            a = jnp.take(p_in, x.reshape(b, -1), axis=0).astype(jnp.float32)
+            z = small(delta, p_out)
+        else:
+            a, z = small(x, p_in), small(delta, p_out)
+        per_layer[c.path] = per_layer[c.path] + jnp.einsum(
+            "bti,btj->bij", a, z, precision=jax.lax.Precision.HIGHEST)
+    parts = [per_layer[p].reshape(b, -1) for p in kernel_paths]
+    if fb_idx:
+        grads = tuple(g.reshape(b, -1) for g in g_fb)
+        d_fb = sum(g.shape[1] for g in grads)
+        # project() normalises by √d_fb; the block-diagonal P normalises by the total √d
+        parts.append(project(projector.fallback, key, grads) * math.sqrt(d_fb))
+    return jnp.concatenate(parts, axis=1) / jnp.float32(math.sqrt(d))
