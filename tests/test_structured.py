@@ -4,6 +4,7 @@ per-example gradient."""
 
 import zlib
 
+import chex
 import flax.linen as nn
 from flax import nnx
 import jax
@@ -292,3 +293,70 @@ def test_nnx_taps_leave_flax_untouched():
                         projector=kronecker(2, 2, fallback_dim=4))
     for c, attrs in before.items():
         assert dict(vars(c)) == attrs
+
+
+class NnxTiedReadout(nnx.Module):
+    """l1's kernel is used by its layer and read directly (a tied readout)."""
+
+    def __init__(self, rngs):
+        self.l1 = nnx.Linear(10, 16, rngs=rngs)
+        self.l2 = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+        h = nnx.tanh(self.l2(nnx.tanh(self.l1(x))))
+        return h @ self.l1.kernel[...].T
+
+
+def test_kernel_used_outside_its_layer_takes_the_fallback():
+    x = jax.random.normal(jax.random.key(1), (5, 10))
+    y = jnp.arange(5) % 10
+    module = NnxTiedReadout(nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="'l1/kernel' is also used outside"):
+        assert_kronecker_exact(module, None, (x, y), {"l2/kernel": (16, 16)})
+
+
+def test_traker_with_nnx_model_and_kronecker(tmp_path):
+    """TRAKer end to end with an nnx transformer: stored rows equal featurize(), two
+    batches and a second checkpoint compile the featurize step once."""
+    module = NnxTransformer(nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (8, 6), 0, 10)
+    y = jnp.arange(8) % 10
+    proj = kronecker(2, 3, fallback_dim=8, dtype=jnp.float32)
+    traker = trax_attr.TRAKer(model=module, task="image_classification", train_set_size=8,
+                              save_dir=str(tmp_path), projector=proj, lambda_reg=1e-2)
+    other = nnx.state(NnxTransformer(nnx.Rngs(1)), nnx.Param)
+    for model_id, ckpt in enumerate((None, other)):
+        traker.load_checkpoint(ckpt, model_id=model_id)
+        traker.featurize((ids[:4], y[:4]), num_samples=4)
+        traker.featurize((ids[4:], y[4:]), num_samples=4)
+    assert traker._featurize._cache_size() == 1
+    n_layers = 6  # embedding, query, key, value, out, mlp
+    assert traker.proj_dim == n_layers * 2 * 3 + 8
+    for model_id, ckpt in enumerate((None, other)):
+        phi, _ = trax_attr.featurize(module, ckpt, (ids, y), projector=proj,
+                                     model_id=model_id)
+        stored = traker.store.model_arrays(model_id, 8, traker.proj_dim)
+        np.testing.assert_allclose(np.asarray(stored["grads"]), np.asarray(phi), rtol=1e-5,
+                                   atol=1e-6 * float(jnp.abs(phi).max()))
+    traker.finalize_features()
+    traker.start_scoring_checkpoint("t", None, model_id=0, num_targets=3)
+    traker.score((ids[:3], y[:3]), num_samples=3)
+    scores = np.asarray(traker.finalize_scores("t"))
+    assert scores.shape == (8, 3) and np.isfinite(scores).all()
+
+
+def test_structured_featurize_does_not_retrace():
+    """The structured path (taps, untapped-use check, projection) traces once per shape."""
+    module = NnxTransformer(nnx.Rngs(0))
+    model = trax_attr.as_model(module)
+    params, state = model.split(None)
+    selection = select(params)
+    selected, rest = selection.split(params)
+    f = trax_attr.features.Featurizer(get_task("image_classification"), model, selection,
+                                      kronecker(2, 2, fallback_dim=4))
+    fn = jax.jit(chex.assert_max_traces(trax_attr.features.featurize_fn(f), n=1))
+    key = projection_key(0, 0)
+    for seed in (1, 2):
+        ids = jax.random.randint(jax.random.key(seed), (4, 6), 0, 10)
+        phi, q = fn(selected, rest, state, key, None, (ids, jnp.arange(4) % 10))
+        assert phi.shape == (4, 6 * 4 + 4) and np.isfinite(np.asarray(phi)).all()

@@ -32,10 +32,12 @@ through ``nn.intercept_methods``.
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -156,26 +158,81 @@ def _layer_dims(call: _Call, shape: tuple) -> tuple[int, int]:
     return d_in, d_out
 
 
-def covered_layers(task, model, selection, selected, rest, state, example) -> list[_Call]:
-    """Trace one example -> the tap calls whose kernel is selected, in call order."""
-    paths = set(selection.paths)
-    return [c for c in _trace_calls(task, model, selection, selected, rest, state, example)
-            if c.path in paths]
+def covered_layers(task, model, selection, selected, rest, state, example):
+    """Trace one example -> (all tap calls, ``{kernel path: (d_in, d_out)}`` of the
+    covered kernels). A selected kernel is covered when every use of it in the model
+    goes through tapped calls; one also used elsewhere (its weights read directly, an
+    untapped method) is left to the dense fallback, with a warning."""
+    calls = _trace_calls(task, model, selection, selected, rest, state, example)
+    leaf_shape = {p: np.shape(leaf) for p, leaf in zip(selection.paths, selected)}
+    dims = {}
+    for c in calls:
+        if c.path not in leaf_shape:
+            continue
+        d = _layer_dims(c, leaf_shape[c.path])
+        if dims.setdefault(c.path, d) != d:
+            raise ValueError(f"apply_tapped reported the layer of {c.path!r} with dims "
+                             f"{d} and {dims[c.path]} in two calls; they must agree.")
+    for p in _used_untapped(task, model, selection, selected, rest, state, example,
+                            sorted(dims, key=selection.paths.index)):
+        warnings.warn(
+            f"the kernel {p!r} is also used outside its tapped layer calls (read directly, "
+            "or through a method apply_tapped does not report), so the kronecker projector "
+            "cannot see its whole gradient; it takes the dense fallback projection.",
+            stacklevel=3)
+        del dims[p]
+    return calls, dims
+
+
+def _used_untapped(task, model, selection, selected, rest, state, example, paths):
+    """The kernels among ``paths`` on which the output depends other than through their
+    tapped outputs: with every tapped y behind stop_gradient, the ones whose tangent still
+    reaches the output's JVP (a dependency walk over its jaxpr; conservative)."""
+    if not paths:
+        return []
+    idx = [selection.paths.index(p) for p in paths]
+    covered = set(paths)
+
+    def jvp_out(kernels, tangents, selected, rest, state, example):
+        def f(kernels):
+            sel = list(selected)
+            for j, i in enumerate(idx):
+                sel[i] = kernels[j]
+
+            def tap(path, x, y, transposed=False):
+                return jax.lax.stop_gradient(y) if path in covered else y
+
+            def apply_fn(s, *inputs):
+                return model.apply_tapped(selection.merge(s, rest), state, tap, *inputs)
+
+            return task.get_output(apply_fn, tuple(sel), *example)
+
+        return jax.jvp(f, (kernels,), (tangents,))[1]
+
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
+    kernels = tuple(spec(selected[i]) for i in idx)
+    closed = jax.make_jaxpr(jvp_out)(kernels, kernels, *jax.tree.map(
+        spec, (tuple(selected), tuple(rest), state, example)))
+    jaxpr = closed.jaxpr
+    n = len(idx)
+    deps = {v: frozenset([j]) for j, v in enumerate(jaxpr.invars[n:2 * n])}
+    for eqn in jaxpr.eqns:
+        found = frozenset().union(*(deps.get(v, frozenset()) for v in eqn.invars
+                                    if not isinstance(v, jax.extend.core.Literal)))
+        if found:
+            for v in eqn.outvars:
+                deps[v] = found
+    reached = frozenset().union(*(deps.get(v, frozenset()) for v in jaxpr.outvars
+                                  if not isinstance(v, jax.extend.core.Literal)))
+    return [paths[j] for j in sorted(reached)]
 
 
 def structured_features(projector: KroneckerProjector, task, model, selection, selected,
                         rest, state, key, batch) -> jax.Array:
     """φ ``(B, k) f32`` of a batch; covered kernels' gradients are never formed."""
     example0 = jax.tree.map(lambda a: a[0], batch)
-    calls = _trace_calls(task, model, selection, selected, rest, state, example0)
-    leaf_shape = {p: np.shape(leaf) for p, leaf in zip(selection.paths, selected)}
-    layers = [c for c in calls if c.path in leaf_shape]
-    dims = {}
-    for c in layers:
-        d = _layer_dims(c, leaf_shape[c.path])
-        if dims.setdefault(c.path, d) != d:
-            raise ValueError(f"apply_tapped reported the layer of {c.path!r} with dims "
-                             f"{d} and {dims[c.path]} in two calls; they must agree.")
+    calls, dims = covered_layers(task, model, selection, selected, rest, state, example0)
+    layers = [c for c in calls if c.path in dims]
     kernel_paths = sorted(dims, key=selection.paths.index)
     fb_idx = [i for i, p in enumerate(selection.paths) if p not in dims]
     d = selection.grad_dim
