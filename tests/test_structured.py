@@ -2,8 +2,6 @@
 block-diagonal (P_in ⊗ P_out, ..., dense fallback) matrix applied to the explicit
 per-example gradient."""
 
-import zlib
-
 import chex
 import flax.linen as nn
 from flax import nnx
@@ -149,7 +147,12 @@ class CNN(nn.Module):
         x = nn.relu(nn.Conv(3, (3, 2), strides=(2, 1), padding=((1, 0), (0, 1)),
                             kernel_dilation=(1, 2))(x))
         x = nn.Conv(2, 3, padding="CIRCULAR")(x.reshape(x.shape[0], -1, 3))  # falls back
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+        x = nn.Dense(6)(x.reshape(x.shape[0], -1))
+        return nn.Dense(10, dot_general=_double_dot)(x)  # not x W: falls back
+
+
+def _double_dot(*args, **kwargs):
+    return 2.0 * jax.lax.dot_general(*args, **kwargs)
 
 
 def test_structured_exact_linen_conv():
@@ -158,7 +161,7 @@ def test_structured_exact_linen_conv():
     module = CNN()
     variables = module.init(jax.random.key(0), x)
     dims = kernel_dims(variables["params"], lambda p, s: (int(np.prod(s[:-1])), s[-1]))
-    del dims["Conv_2/kernel"]  # circular padding is not covered: dense fallback
+    del dims["Conv_2/kernel"], dims["Dense_1/kernel"]  # not covered: dense fallback
     assert_kronecker_exact(module, variables, (x, y), dims)
 
 
@@ -289,8 +292,10 @@ def test_nnx_taps_leave_flax_untouched():
     before = {c: dict(vars(c)) for c in (nnx.Linear, nnx.LinearGeneral, nnx.Embed, nnx.Conv)}
     module = NnxTransformer(nnx.Rngs(0))
     ids = jnp.zeros((2, 3), jnp.int32)
-    trax_attr.featurize(module, None, (ids, jnp.zeros(2, jnp.int32)),
-                        projector=kronecker(2, 2, fallback_dim=4))
+    phi = jax.eval_shape(lambda: trax_attr.featurize(
+        module, None, (ids, jnp.zeros(2, jnp.int32)), projector=kronecker(2, 2,
+                                                                          fallback_dim=4))[0])
+    assert phi.shape == (2, 6 * 2 * 2 + 4)  # six tapped kernels: the taps were on
     for c, attrs in before.items():
         assert dict(vars(c)) == attrs
 

@@ -1,4 +1,4 @@
-"""Kronecker-structured projection: project dense layers without forming their gradient.
+"""Kronecker-structured projection: project layers without forming their gradient.
 
 For a dense layer y_t = x_t W + b (W: ``(d_in, d_out)``) the per-example gradient of the
 output f is G = Σ_t x_t δ_tᵀ, with x_t the layer's input at position t and δ_t = ∂f/∂y_t.
@@ -7,8 +7,12 @@ With P_in ``(d_in, r_in)`` and P_out ``(d_out, r_out)``
     (P_in ⊗ P_out)ᵀ vec(G) = vec(P_inᵀ G P_out) = Σ_t (P_inᵀ x_t) ⊗ (P_outᵀ δ_t),
 
 so the layer's r_in·r_out features need only x_t and δ_t: G (d_in·d_out per example) is
-never formed (the idea of LoGra, Choe et al. 2024). Selected leaves that are not such a
-kernel (biases, norms, embeddings) fall back to the dense projector of
+never formed (the idea of LoGra, Choe et al. 2024). The same holds for every layer that
+is a matrix product in disguise: an embedding lookup (x_t one-hot, so P_inᵀ x_t is the
+row P_in[id_t], gathered, never a one-hot), its tied use y = x Eᵀ (``attend``: the roles
+swap, Σ_t (P_inᵀ δ_t) ⊗ (P_outᵀ x_t)), DenseGeneral (axes flattened to 2-D) and a
+convolution (x_t the im2col patch at output position t). Selected leaves that no such
+layer covers (biases, norms, unsupported layers) fall back to the dense projector of
 :mod:`trax_attr.projection` with ``fallback_dim`` columns.
 
 The full matrix P is block diagonal: one block P_in ⊗ P_out per covered kernel (in the
@@ -22,11 +26,24 @@ P_in = rows of ``matrix_block(Projector(kind, r_in), fold_in(fold_in(key, h), 0)
 P_out = same with ``r_out`` and ``fold_in(fold_in(key, h), 1)``; the fallback block is
 the dense projector's matrix of ``key`` over the fallback leaves.
 
-Capturing x_t and δ_t needs a model that reports its dense layers: a :class:`Model` with
-``apply_tapped(params, state, tap, *inputs)`` that calls ``y = tap(kernel_path, x, y)``
-on every dense layer's input ``x (..., d_in)`` and output ``y (..., d_out)`` and goes on
-with the returned y. :func:`trax_attr.linen_model` provides it for every ``nn.Dense``
-through ``nn.intercept_methods``.
+What a model must expose: a :class:`~trax_attr.Model` with
+``apply_tapped(params, state, tap, *inputs)``, its ``apply`` that, on every layer it
+reports, replaces the layer's output y by ``tap(kernel_path, x, y)`` and goes on with the
+returned value (y plus a zero perturbation, whose cotangent is δ). ``kernel_path`` is the
+kernel's leaf path as :func:`~trax_attr.gradients.select` names it; the kernel's entries,
+read in row-major order, form a ``(d_in, d_out)`` matrix and
+
+* ``tap(path, x, y)``: x ``(..., d_in)`` float, y ``(..., d_out)``, y = x W (+ b);
+* ``tap(path, ids, y)``: ids ``(...)`` integer rows, y = W[ids] ``(..., d_out)``;
+* ``tap(path, x, y, transposed=True)``: x ``(..., d_out)``, y = x Wᵀ ``(..., d_in)``.
+
+Leading axes are positions (summed over). A layer called several times sums its calls.
+Every use of a covered kernel must go through a tapped call: a kernel that the output
+also depends on otherwise (read directly, an untapped method) is detected on the traced
+jaxpr and sent to the dense fallback with a warning. :func:`trax_attr.linen_model` and
+:func:`trax_attr.models.nnx_model` provide ``apply_tapped``; the Flax layers they cover
+(Dense / Linear, DenseGeneral / LinearGeneral, Embed and its ``attend``, Conv) are listed
+in :mod:`trax_attr.taps`.
 """
 
 from __future__ import annotations
@@ -82,8 +99,9 @@ class KroneckerProjector(NamedTuple):
 
 def kronecker(r_in: int, r_out: int, *, fallback_dim: int = 512, dtype=jnp.float32,
               base: str = "rademacher") -> KroneckerProjector:
-    """Kronecker-structured projector: r_in·r_out features per dense layer, plus
-    ``fallback_dim`` dense features for the other selected leaves (biases, norms)."""
+    """Kronecker-structured projector: r_in·r_out features per covered layer (dense,
+    embedding, convolution; see the module docstring), plus ``fallback_dim`` dense
+    features for the other selected leaves (biases, norms, other layers)."""
     for name, r in (("r_in", r_in), ("r_out", r_out)):
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
             raise ValueError(f"{name} must be a positive integer, got {r!r}; e.g. 16.")
@@ -114,10 +132,11 @@ def _trace_calls(task, model, selection, selected, rest, state, example) -> list
     """Trace one example and list every tap call, in call order."""
     if getattr(model, "apply_tapped", None) is None:
         raise TypeError(
-            f"projector='kronecker' needs a model that reports its dense layers, but "
+            f"projector='kronecker' needs a model that reports its layers, but "
             f"{model.name} has no apply_tapped. Use a flax.linen or flax.nnx model, or "
             "build trax_attr.Model(apply, split, name, apply_tapped=fn) where fn(params, "
-            "state, tap, *inputs) calls y = tap(kernel_path, x, y) on each dense layer.")
+            "state, tap, *inputs) calls y = tap(kernel_path, x, y) on each dense layer "
+            "(the contract is in trax_attr.structured's docstring).")
     calls = []
 
     def run(sel):

@@ -18,13 +18,16 @@ names it), in the form the tap receives them:
 * ``nn.Embed`` / ``nnx.Embed``: x the integer ids ``(...)`` (never a one-hot), y the
   vectors ``(..., features)``; ``attend(q)`` (y = q Eᵀ, tied output layers) is tapped with
   ``transposed=True``: x = q ``(..., features)``, y ``(..., num_embeddings)``.
-* ``nn.Conv`` / ``nnx.Conv`` with ``feature_group_count=1``, shared weights and padding
-  'SAME', 'VALID' or explicit pairs: x the im2col patches
+* ``nn.Conv`` / ``nnx.Conv`` (any number of spatial axes, strides, kernel dilation) with
+  ``feature_group_count=1`` and padding 'SAME', 'VALID' or explicit pairs: x the im2col patches
   (``jax.lax.conv_general_dilated_patches``) ``(..., window·C_in)`` in the kernel's
   ``(*window, C_in)`` order, y ``(..., C_out)``.
 
-Any other layer, and any covered kind in a configuration not listed, is not tapped: its
-parameters take the dense fallback projection.
+Exact layer types only (a subclass may change the maths), with flax's own product (no
+custom ``dot_general`` or ``conv_general_dilated``), and for Conv no mask and no input
+dilation. Any other layer, and any covered kind in a configuration not listed (e.g.
+'CIRCULAR' padding, feature groups, batch axes), is not tapped: its parameters take the
+dense fallback projection.
 """
 
 from __future__ import annotations
@@ -122,6 +125,12 @@ def linen_apply_tapped(apply):
         module, name = context.module, context.method_name
         kind = type(module)
         prefix = "/".join(module.path)
+        if (kind in (linen.Dense, linen.DenseGeneral, linen.Conv)
+                and (module.__dict__.get("dot_general") is not None
+                     or module.__dict__.get("dot_general_cls") is not None
+                     or module.__dict__.get("conv_general_dilated") is not None
+                     or module.__dict__.get("conv_general_dilated_cls") is not None)):
+            return next_fun(*args, **kwargs)  # a custom product: not known to be x W
         if kind is linen.Dense and name == "__call__":
             y = next_fun(*args, **kwargs)
             return tap(prefix + "/kernel", _first(args, kwargs, "inputs"), y)
@@ -194,14 +203,17 @@ def _nnx_methods():
         def call(self, inputs, *args, **kwargs):
             y = orig(self, inputs, *args, **kwargs)
             entry = _ACTIVE.get().get(id(self))
-            return y if entry is None else entry[1](entry[0] + "/kernel", inputs, y)
+            if entry is None or self.dot_general is not jax.lax.dot_general:
+                return y
+            return entry[1](entry[0] + "/kernel", inputs, y)
         return call
 
     def linear_general(orig):
         def call(self, inputs, *args, **kwargs):
             y = orig(self, inputs, *args, **kwargs)
             entry = _ACTIVE.get().get(id(self))
-            if entry is None or self.batch_axis:
+            if (entry is None or self.batch_axis or self.dot_general is not None
+                    or self.dot_general_cls is not None):
                 return y
             return _tap_general(entry[1], entry[0] + "/kernel", inputs, y, self.axis,
                                 len(self.out_features))
@@ -234,6 +246,7 @@ def _nnx_methods():
             padding = _canonical_padding(self.padding, nd)
             if (entry is None or padding is None or self.feature_group_count != 1
                     or self.mask is not None
+                    or self.conv_general_dilated is not jax.lax.conv_general_dilated
                     or _broadcast(self.input_dilation, nd) != (1,) * nd):
                 return y
             return _tap_conv(entry[1], entry[0] + "/kernel", inputs, y,
