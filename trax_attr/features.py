@@ -61,7 +61,7 @@ def featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
 
     def fn(selected, rest, state, key, cache, batch, col_start=0, num_cols=None):
         if f.projector.kind == "kronecker":
-            # structured: dense layers are projected from their inputs and output
+            # structured: covered layers are projected from their inputs and output
             # cotangents, so their per-example gradients are never formed
             from .structured import structured_features
 

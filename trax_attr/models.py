@@ -26,6 +26,8 @@ from typing import Any, NamedTuple
 
 import jax
 
+from .taps import linen_apply_tapped, nnx_apply_tapped
+
 __all__ = ["Model", "as_model", "callable_model", "nnx_model", "linen_model", "is_torch_module"]
 
 
@@ -44,8 +46,9 @@ class Model(NamedTuple):
         ``jax.dlpack.from_dlpack``, no copy); it is called outside ``jit``. ``None`` (the
         default): jitted JAX gradients of ``apply``.
       apply_tapped: optional ``apply_tapped(params, state, tap, *inputs)``, ``apply`` that
-        calls ``y = tap(kernel_path, x, y)`` on each dense layer (y = x W + b) and goes on
-        with the returned y; needed by the kronecker projector (trax_attr.structured).
+        calls ``y = tap(kernel_path, x, y)`` on each covered layer (y = x W + b) and goes
+        on with the returned y; needed by the kronecker projector. The contract and the
+        Flax layers covered are in :mod:`trax_attr.taps`; linen and nnx models have it.
     """
 
     apply: Callable[..., Any]
@@ -102,7 +105,8 @@ def nnx_model(module) -> Model:
             "nnx.state(model) and pass that State, or pass the trained module itself."
         )
 
-    return Model(apply, split, type(module).__name__)
+    return Model(apply, split, type(module).__name__,
+                 apply_tapped=nnx_apply_tapped(graphdef))
 
 
 def linen_model(module, **apply_kwargs) -> Model:
@@ -122,20 +126,7 @@ def linen_model(module, **apply_kwargs) -> Model:
         state = {name: value for name, value in checkpoint.items() if name != "params"}
         return checkpoint["params"], state
 
-    def apply_tapped(params, state, tap, *inputs):
-        from flax import linen
-
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            if type(module) is not linen.Dense or context.method_name != "__call__":
-                return next_fun(*args, **kwargs)
-            y = next_fun(*args, **kwargs)
-            return tap("/".join(module.path) + "/kernel", args[0], y)
-
-        with linen.intercept_methods(interceptor):
-            return apply(params, state, *inputs)
-
-    return Model(apply, split, type(module).__name__, apply_tapped=apply_tapped)
+    return Model(apply, split, type(module).__name__, apply_tapped=linen_apply_tapped(apply))
 
 
 def is_torch_module(model) -> bool:

@@ -1,4 +1,4 @@
-"""Kronecker-structured projection: project dense layers without forming their gradient.
+"""Kronecker-structured projection: project layers without forming their gradient.
 
 For a dense layer y_t = x_t W + b (W: ``(d_in, d_out)``) the per-example gradient of the
 output f is G = Σ_t x_t δ_tᵀ, with x_t the layer's input at position t and δ_t = ∂f/∂y_t.
@@ -7,8 +7,12 @@ With P_in ``(d_in, r_in)`` and P_out ``(d_out, r_out)``
     (P_in ⊗ P_out)ᵀ vec(G) = vec(P_inᵀ G P_out) = Σ_t (P_inᵀ x_t) ⊗ (P_outᵀ δ_t),
 
 so the layer's r_in·r_out features need only x_t and δ_t: G (d_in·d_out per example) is
-never formed (the idea of LoGra, Choe et al. 2024). Selected leaves that are not such a
-kernel (biases, norms, embeddings) fall back to the dense projector of
+never formed (the idea of LoGra, Choe et al. 2024). The same holds for every layer that
+is a matrix product in disguise: an embedding lookup (x_t one-hot, so P_inᵀ x_t is the
+row P_in[id_t], gathered, never a one-hot), its tied use y = x Eᵀ (``attend``: the roles
+swap, Σ_t (P_inᵀ δ_t) ⊗ (P_outᵀ x_t)), DenseGeneral (axes flattened to 2-D) and a
+convolution (x_t the im2col patch at output position t). Selected leaves that no such
+layer covers (biases, norms, unsupported layers) fall back to the dense projector of
 :mod:`trax_attr.projection` with ``fallback_dim`` columns.
 
 The full matrix P is block diagonal: one block P_in ⊗ P_out per covered kernel (in the
@@ -22,20 +26,35 @@ P_in = rows of ``matrix_block(Projector(kind, r_in), fold_in(fold_in(key, h), 0)
 P_out = same with ``r_out`` and ``fold_in(fold_in(key, h), 1)``; the fallback block is
 the dense projector's matrix of ``key`` over the fallback leaves.
 
-Capturing x_t and δ_t needs a model that reports its dense layers: a :class:`Model` with
-``apply_tapped(params, state, tap, *inputs)`` that calls ``y = tap(kernel_path, x, y)``
-on every dense layer's input ``x (..., d_in)`` and output ``y (..., d_out)`` and goes on
-with the returned y. :func:`trax_attr.linen_model` provides it for every ``nn.Dense``
-through ``nn.intercept_methods``.
+What a model must expose: a :class:`~trax_attr.Model` with
+``apply_tapped(params, state, tap, *inputs)``, its ``apply`` that, on every layer it
+reports, replaces the layer's output y by ``tap(kernel_path, x, y)`` and goes on with the
+returned value (y plus a zero perturbation, whose cotangent is δ). ``kernel_path`` is the
+kernel's leaf path as :func:`~trax_attr.gradients.select` names it; the kernel's entries,
+read in row-major order, form a ``(d_in, d_out)`` matrix and
+
+* ``tap(path, x, y)``: x ``(..., d_in)`` float, y ``(..., d_out)``, y = x W (+ b);
+* ``tap(path, ids, y)``: ids ``(...)`` integer rows, y = W[ids] ``(..., d_out)``;
+* ``tap(path, x, y, transposed=True)``: x ``(..., d_out)``, y = x Wᵀ ``(..., d_in)``.
+
+Leading axes are positions (summed over). A layer called several times sums its calls.
+Every use of a covered kernel must go through a tapped call: a kernel that the output
+also depends on otherwise (read directly, an untapped method) is detected on the traced
+jaxpr and sent to the dense fallback with a warning. :func:`trax_attr.linen_model` and
+:func:`trax_attr.models.nnx_model` provide ``apply_tapped``; the Flax layers they cover
+(Dense / Linear, DenseGeneral / LinearGeneral, Embed and its ``attend``, Conv) are listed
+in :mod:`trax_attr.taps`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from typing import NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,8 +99,9 @@ class KroneckerProjector(NamedTuple):
 
 def kronecker(r_in: int, r_out: int, *, fallback_dim: int = 512, dtype=jnp.float32,
               base: str = "rademacher") -> KroneckerProjector:
-    """Kronecker-structured projector: r_in·r_out features per dense layer, plus
-    ``fallback_dim`` dense features for the other selected leaves (biases, norms)."""
+    """Kronecker-structured projector: r_in·r_out features per covered layer (dense,
+    embedding, convolution; see the module docstring), plus ``fallback_dim`` dense
+    features for the other selected leaves (biases, norms, other layers)."""
     for name, r in (("r_in", r_in), ("r_out", r_out)):
         if isinstance(r, bool) or not isinstance(r, (int, np.integer)) or r < 1:
             raise ValueError(f"{name} must be a positive integer, got {r!r}; e.g. 16.")
@@ -97,123 +117,33 @@ def layer_keys(key: jax.Array, path: str) -> tuple[jax.Array, jax.Array]:
     return jax.random.fold_in(layer, 0), jax.random.fold_in(layer, 1)
 
 
-def _tapped_output(task, model, selection, rest, state):
-    """f(selected, perturbations, example) -> (output, taps): the task output with a zero
-    perturbation added to each tapped dense output; taps maps call index -> (path, x)."""
+class _Call(NamedTuple):
+    """One tapped layer call seen while tracing one example."""
 
-    def output(selected, perts, example):
-        xs = []
-
-        def tap(path, x, y):
-            i = len(xs)
-            xs.append((path, x))
-            if perts is None:
-                return y
-            return y + perts[i].astype(y.dtype)
-
-        def apply_fn(sel, *inputs):
-            return model.apply_tapped(selection.merge(sel, rest), state, tap, *inputs)
-
-        out = task.get_output(apply_fn, selected, *example)
-        return out, tuple(xs)
-
-    return output
+    index: int  # position among all tap calls of the trace
+    path: str  # the kernel's leaf path
+    x_shape: tuple
+    x_is_index: bool  # integer x: row indices of an embedding lookup
+    y_shape: tuple
+    transposed: bool  # y = x Wᵀ (an embedding's attend)
 
 
-def covered_layers(task, model, selection, selected, rest, state, example):
-    """Trace one example -> list of (call index, kernel path, x shape, y shape) of the
-    tapped layers whose kernel is selected."""
+def _trace_calls(task, model, selection, selected, rest, state, example) -> list[_Call]:
+    """Trace one example and list every tap call, in call order."""
     if getattr(model, "apply_tapped", None) is None:
         raise TypeError(
-            f"projector='kronecker' needs a model that reports its dense layers, but "
-            f"{model.name} has no apply_tapped. Use a flax.linen model, or build "
-            "trax_attr.Model(apply, split, name, apply_tapped=fn) where fn(params, state, "
-            "tap, *inputs) calls y = tap(kernel_path, x, y) on each dense layer.")
-    shapes = []
-
-    def run(sel, ex):
-        calls = []
-
-        def tap(path, x, y):
-            calls.append((path, x.shape, y.shape))
-            return y
-
-        def apply_fn(s, *inputs):
-            return model.apply_tapped(selection.merge(s, rest), state, tap, *inputs)
-
-        out = task.get_output(apply_fn, sel, *ex)
-        shapes.extend(calls)
-        return out
-
-    jax.eval_shape(run, selected, example)
-    paths = set(selection.paths)
-    return [(i, p, xs, ys) for i, (p, xs, ys) in enumerate(shapes) if p in paths]
-
-
-def structured_features(projector: KroneckerProjector, task, model, selection, selected,
-                        rest, state, key, batch) -> jax.Array:
-    """φ ``(B, k) f32`` of a batch; covered kernels' gradients are never formed."""
-    example0 = jax.tree.map(lambda a: a[0], batch)
-    layers = covered_layers(task, model, selection, selected, rest, state, example0)
-    kernel_paths = []
-    for _, p, _, _ in layers:
-        if p not in kernel_paths:
-            kernel_paths.append(p)
-    kernel_paths.sort(key=selection.paths.index)
-    covered = set(kernel_paths)
-    fb_idx = [i for i, p in enumerate(selection.paths) if p not in covered]
-    d = selection.grad_dim
-    output = _tapped_output(task, model, selection, rest, state)
-    y_shapes = _y_shapes(task, model, selection, selected, rest, state, example0)
-
-    def one(example):
-        def f(fb_leaves, perts):
-            sel = list(selected)
-            for j, i in enumerate(fb_idx):
-                sel[i] = fb_leaves[j]
-            return output(tuple(sel), perts, example)
-
-        # a zero perturbation on every tapped call: its cotangent is δ_t of that call
-        perts = tuple(jnp.zeros(s, jnp.float32) for s in y_shapes)
-        fb = tuple(selected[i] for i in fb_idx)
-        (g_fb, g_perts), xs = jax.grad(f, argnums=(0, 1), has_aux=True)(fb, perts)
-        return g_fb, g_perts, tuple(x for _, x in xs)
-
-    g_fb, g_perts, xs = jax.vmap(one)(batch)
-    dtype = jnp.dtype(projector.dtype)
-    b = batch[0].shape[0]
-    per_layer = {p: jnp.zeros((b, projector.r_in, projector.r_out), jnp.float32)
-                 for p in kernel_paths}
-    mats = {}
-    for i, p, xshape, yshape in layers:
-        if p not in mats:
-            k_in, k_out = layer_keys(key, p)
-            mats[p] = (matrix_block(projector.layer_projector(projector.r_in), k_in, 0,
-                                    xshape[-1]),
-                       matrix_block(projector.layer_projector(projector.r_out), k_out, 0,
-                                    yshape[-1]))
-        p_in, p_out = mats[p]
-        x = xs[i].reshape(b, -1, xshape[-1]).astype(dtype)
-        delta = g_perts[i].reshape(b, -1, yshape[-1]).astype(dtype)
-        xp = jnp.einsum("btd,dr->btr", x, p_in, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("btd,dr->btr", delta, p_out, preferred_element_type=jnp.float32)
-        per_layer[p] = per_layer[p] + jnp.einsum("bti,btj->bij", xp, dp,
-                                                 precision=jax.lax.Precision.HIGHEST)
-    parts = [per_layer[p].reshape(b, -1) for p in kernel_paths]
-    if fb_idx:
-        grads = tuple(g.reshape(b, -1) for g in g_fb)
-        d_fb = sum(g.shape[1] for g in grads)
-        # project() normalises by √d_fb; the block-diagonal P normalises by the total √d
-        parts.append(project(projector.fallback, key, grads) * math.sqrt(d_fb))
-    return jnp.concatenate(parts, axis=1) / jnp.float32(math.sqrt(d))
-
-
-def _y_shapes(task, model, selection, selected, rest, state, example):
+            f"projector='kronecker' needs a model that reports its layers, but "
+            f"{model.name} has no apply_tapped. Use a flax.linen or flax.nnx model, or "
+            "build trax_attr.Model(apply, split, name, apply_tapped=fn) where fn(params, "
+            "state, tap, *inputs) calls y = tap(kernel_path, x, y) on each dense layer "
+            "(the contract is in trax_attr.structured's docstring).")
     calls = []
 
     def run(sel):
-        def tap(path, x, y):
-            calls.append(y.shape)
+        def tap(path, x, y, transposed=False):
+            calls.append(_Call(len(calls), path, tuple(x.shape),
+                               bool(jnp.issubdtype(x.dtype, jnp.integer)), tuple(y.shape),
+                               bool(transposed)))
             return y
 
         def apply_fn(s, *inputs):
@@ -223,3 +153,166 @@ def _y_shapes(task, model, selection, selected, rest, state, example):
 
     jax.eval_shape(run, selected)
     return calls
+
+
+def _layer_dims(call: _Call, shape: tuple) -> tuple[int, int]:
+    """(d_in, d_out) of the kernel leaf of ``shape`` as seen by one tap call; raises
+    when the call does not fit the leaf."""
+    size = int(np.prod(shape, dtype=np.int64))
+    if call.transposed:
+        d_out, d_in = call.x_shape[-1], call.y_shape[-1]
+    else:
+        d_out = call.y_shape[-1] if call.y_shape else 0
+        d_in = size // d_out if call.x_is_index and d_out else (
+            call.x_shape[-1] if call.x_shape else 0)
+    if d_in * d_out != size or (call.x_is_index and call.transposed):
+        raise ValueError(
+            f"apply_tapped reported the layer of {call.path!r} (shape {shape}) with x of "
+            f"shape {call.x_shape} and y of shape {call.y_shape}"
+            + (" (transposed)" if call.transposed else "") + ", which does not fit: tap "
+            "needs x (..., d_in) float or (...) integer row indices, y (..., d_out) with "
+            "the kernel's entries d_in·d_out in (d_in, d_out) row-major order (transposed: "
+            "x (..., d_out), y (..., d_in)). Reshape x and y to that form in the model's "
+            "apply_tapped.")
+    return d_in, d_out
+
+
+def covered_layers(task, model, selection, selected, rest, state, example):
+    """Trace one example -> (all tap calls, ``{kernel path: (d_in, d_out)}`` of the
+    covered kernels). A selected kernel is covered when every use of it in the model
+    goes through tapped calls; one also used elsewhere (its weights read directly, an
+    untapped method) is left to the dense fallback, with a warning."""
+    calls = _trace_calls(task, model, selection, selected, rest, state, example)
+    leaf_shape = {p: np.shape(leaf) for p, leaf in zip(selection.paths, selected)}
+    dims = {}
+    for c in calls:
+        if c.path not in leaf_shape:
+            continue
+        d = _layer_dims(c, leaf_shape[c.path])
+        if dims.setdefault(c.path, d) != d:
+            raise ValueError(f"apply_tapped reported the layer of {c.path!r} with dims "
+                             f"{d} and {dims[c.path]} in two calls; they must agree.")
+    for p in _used_untapped(task, model, selection, selected, rest, state, example,
+                            sorted(dims, key=selection.paths.index)):
+        warnings.warn(
+            f"the kernel {p!r} is also used outside its tapped layer calls (read directly, "
+            "or through a method apply_tapped does not report), so the kronecker projector "
+            "cannot see its whole gradient; it takes the dense fallback projection.",
+            stacklevel=3)
+        del dims[p]
+    return calls, dims
+
+
+def _used_untapped(task, model, selection, selected, rest, state, example, paths):
+    """The kernels among ``paths`` on which the output depends other than through their
+    tapped outputs: with every tapped y behind stop_gradient, the ones whose tangent still
+    reaches the output's JVP (a dependency walk over its jaxpr; conservative)."""
+    if not paths:
+        return []
+    idx = [selection.paths.index(p) for p in paths]
+    covered = set(paths)
+
+    def jvp_out(kernels, tangents, selected, rest, state, example):
+        def f(kernels):
+            sel = list(selected)
+            for j, i in enumerate(idx):
+                sel[i] = kernels[j]
+
+            def tap(path, x, y, transposed=False):
+                return jax.lax.stop_gradient(y) if path in covered else y
+
+            def apply_fn(s, *inputs):
+                return model.apply_tapped(selection.merge(s, rest), state, tap, *inputs)
+
+            return task.get_output(apply_fn, tuple(sel), *example)
+
+        return jax.jvp(f, (kernels,), (tangents,))[1]
+
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
+    kernels = tuple(spec(selected[i]) for i in idx)
+    closed = jax.make_jaxpr(jvp_out)(kernels, kernels, *jax.tree.map(
+        spec, (tuple(selected), tuple(rest), state, example)))
+    jaxpr = closed.jaxpr
+    n = len(idx)
+    deps = {v: frozenset([j]) for j, v in enumerate(jaxpr.invars[n:2 * n])}
+    for eqn in jaxpr.eqns:
+        found = frozenset().union(*(deps.get(v, frozenset()) for v in eqn.invars
+                                    if not isinstance(v, jax.extend.core.Literal)))
+        if found:
+            for v in eqn.outvars:
+                deps[v] = found
+    reached = frozenset().union(*(deps.get(v, frozenset()) for v in jaxpr.outvars
+                                  if not isinstance(v, jax.extend.core.Literal)))
+    return [paths[j] for j in sorted(reached)]
+
+
+def structured_features(projector: KroneckerProjector, task, model, selection, selected,
+                        rest, state, key, batch) -> jax.Array:
+    """φ ``(B, k) f32`` of a batch; covered kernels' gradients are never formed."""
+    example0 = jax.tree.map(lambda a: a[0], batch)
+    calls, dims = covered_layers(task, model, selection, selected, rest, state, example0)
+    layers = [c for c in calls if c.path in dims]
+    kernel_paths = sorted(dims, key=selection.paths.index)
+    fb_idx = [i for i, p in enumerate(selection.paths) if p not in dims]
+    d = selection.grad_dim
+
+    def one(example):
+        def f(fb_leaves, perts):
+            xs = []
+            sel = list(selected)
+            for j, i in enumerate(fb_idx):
+                sel[i] = fb_leaves[j]
+
+            def tap(path, x, y, transposed=False):
+                i = len(xs)
+                xs.append(x)
+                return y + perts[i].astype(y.dtype)
+
+            def apply_fn(s, *inputs):
+                return model.apply_tapped(selection.merge(s, rest), state, tap, *inputs)
+
+            return task.get_output(apply_fn, tuple(sel), *example), tuple(xs)
+
+        # a zero perturbation on every tapped call: its cotangent is δ_t of that call
+        perts = tuple(jnp.zeros(c.y_shape, jnp.float32) for c in calls)
+        fb = tuple(selected[i] for i in fb_idx)
+        (g_fb, g_perts), xs = jax.grad(f, argnums=(0, 1), has_aux=True)(fb, perts)
+        return g_fb, g_perts, tuple(xs[c.index] for c in layers)
+
+    g_fb, g_perts, xs = jax.vmap(one)(batch)
+    dtype = jnp.dtype(projector.dtype)
+    b = batch[0].shape[0]
+    mats = {}
+    for p in kernel_paths:
+        k_in, k_out = layer_keys(key, p)
+        d_in, d_out = dims[p]
+        mats[p] = (matrix_block(projector.layer_projector(projector.r_in), k_in, 0, d_in),
+                   matrix_block(projector.layer_projector(projector.r_out), k_out, 0, d_out))
+    per_layer = {p: jnp.zeros((b, projector.r_in, projector.r_out), jnp.float32)
+                 for p in kernel_paths}
+
+    def small(a, p_mat):
+        """(B, ..., d) -> (B, T, r): a projected on its last axis, positions flattened."""
+        a = a.reshape(b, -1, a.shape[-1]).astype(dtype)
+        return jnp.einsum("btd,dr->btr", a, p_mat.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    for c, x in zip(layers, xs):
+        p_in, p_out = mats[c.path]
+        delta = g_perts[c.index]
+        if c.transposed:  # y = x Wᵀ: δ meets the rows of W, x its columns
+            a, z = small(delta, p_in), small(x, p_out)
+        elif c.x_is_index:  # one-hot x: P_inᵀ x_t is the row P_in[x_t]
+            a = jnp.take(p_in, x.reshape(b, -1), axis=0).astype(jnp.float32)
+            z = small(delta, p_out)
+        else:
+            a, z = small(x, p_in), small(delta, p_out)
+        per_layer[c.path] = per_layer[c.path] + jnp.einsum(
+            "bti,btj->bij", a, z, precision=jax.lax.Precision.HIGHEST)
+    parts = [per_layer[p].reshape(b, -1) for p in kernel_paths]
+    if fb_idx:
+        grads = tuple(g.reshape(b, -1) for g in g_fb)
+        d_fb = sum(g.shape[1] for g in grads)
+        # project() normalises by √d_fb; the block-diagonal P normalises by the total √d
+        parts.append(project(projector.fallback, key, grads) * math.sqrt(d_fb))
+    return jnp.concatenate(parts, axis=1) / jnp.float32(math.sqrt(d))
