@@ -1,6 +1,6 @@
 """Run every benchmark (a subprocess each) and collect their tables in one file.
 
-    python benchmarks/run_all.py           # all of them, ~15 minutes on 2 cores (make bench)
+    python benchmarks/run_all.py           # all of them, see the README for the measured time (make bench)
     python benchmarks/run_all.py --quick   # tiny settings of the fast ones (the smoke test)
 
 Each script writes its JSON to benchmarks/results/ and prints a table; the tables are
@@ -16,8 +16,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 FULL = ["featurize_vs_traker.py", "featurize_dtype.py", "projection_roofline.py",
-        "structured.py", "scale.py"]
-QUICK = ["featurize_vs_traker.py", "projection_roofline.py"]
+        "structured.py", "scale.py", "lds_digits.py", "end_to_end.py"]
+QUICK = ["featurize_vs_traker.py", "projection_roofline.py", "lds_digits.py", "end_to_end.py"]
 
 
 def main():

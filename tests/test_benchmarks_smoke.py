@@ -19,3 +19,23 @@ def test_run_all_quick():
     assert {r["route"] for r in rows} == {"traker 0.3.2", "trax_attr, Flax twin",
                                           "trax_attr, converted torch", "trax_attr, torch.func"}
     assert all(r["examples_per_s"] > 0 for r in rows)
+
+    out = json.loads((ROOT / "benchmarks/results/lds_digits_quick.json").read_text())
+    assert {(r["library"], r["M"]) for r in out["rows"]} == {
+        (lib, m) for lib in ("trax_attr", "traker 0.3.2") for m in (1, 2)}
+    for r in out["rows"] + list(out["baselines"].values()):
+        assert -1 <= r["low"] <= r["lds"] <= r["high"] <= 1
+    assert all(r["seconds"] > 0 for r in out["rows"])
+    assert set(out["baselines"]) == {"grad_dot", "grad_cosine", "random"}
+    # TRAK and the gradient baselines carry signal; the random baseline does not
+    assert min(r["lds"] for r in out["rows"]) > out["baselines"]["random"]["high"]
+    assert set(out["goals"]) == {"lds_at_equal_M_k_at_least_traker_or_within_ci",
+                                 "lds_rising_with_M", "lds_vs_time_above_traker_at_every_point"}
+    assert all(isinstance(g["met"], bool) for g in out["goals"].values())
+
+    out = json.loads((ROOT / "benchmarks/results/end_to_end_quick.json").read_text())
+    assert {(r["library"], r["n_train"]) for r in out["rows"]} == {
+        (lib, n) for lib in ("trax_attr", "traker 0.3.2") for n in (500, 1000)}
+    assert all(r["seconds"] > 0 and r["peak_rss_mib"] >= r["rss_before_mib"] > 0
+               for r in out["rows"])
+    assert set(out["memory"]) == {"trax_attr", "traker 0.3.2"}

@@ -1,0 +1,172 @@
+"""End to end: featurize + finalize_features + score, wall time and peak RSS, both libraries.
+
+The same 64-128-10 MLP (trax_attr: linen; traker 0.3.2: torch twin with the same weights)
+and proj_dim, on digits tiled with noise to several n_train. Each measurement runs in its
+own subprocess, so its peak resident memory (ru_maxrss of the child) is its own; the RSS
+after imports and model set-up is reported too. Goal: peak memory independent of n_train.
+
+    PYTHONPATH=. python benchmarks/end_to_end.py [--quick]
+
+Writes benchmarks/results/end_to_end.json (end_to_end_quick.json) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PROJ_DIM, N_TARGETS, BATCH, HIDDEN = 512, 100, 500, 128
+LIBRARIES = ("trax_attr", "traker 0.3.2")
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def data(n: int):
+    """Digits tiled to n rows with N(0, 0.05) pixel noise; targets are the first 100 rows."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    idx = np.arange(n) % len(x)
+    xt = x[idx] + rng.normal(0, 0.05, (n, x.shape[1])).astype(np.float32)
+    return (xt, y[idx]), (x[:N_TARGETS], y[:N_TARGETS])
+
+
+def child(library: str, n: int) -> dict:
+    import flax.linen as nn
+    import jax
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10)(nn.relu(nn.Dense(HIDDEN)(x)))
+
+    (x, y), (tx, ty) = data(n)
+    params = MLP().init(jax.random.key(0), x[:1])
+    with tempfile.TemporaryDirectory() as tmp:
+        if library == "trax_attr":
+            import trax_attr
+
+            y32, ty32 = y.astype(np.int32), ty.astype(np.int32)
+            base = rss_mib()
+            start = time.perf_counter()
+            traker = trax_attr.TRAKer(model=MLP(), task="image_classification",
+                                      train_set_size=n, save_dir=tmp, proj_dim=PROJ_DIM,
+                                      lambda_reg=1e-2)
+            traker.load_checkpoint(params, model_id=0)
+            for s in range(0, n, BATCH):
+                traker.featurize((x[s:s + BATCH], y32[s:s + BATCH]),
+                                 num_samples=len(x[s:s + BATCH]))
+            traker.finalize_features()
+            traker.start_scoring_checkpoint("t", params, model_id=0, num_targets=N_TARGETS)
+            traker.score((tx, ty32), num_samples=N_TARGETS)
+            scores = np.asarray(traker.finalize_scores("t"))
+        else:
+            import torch
+            import trak
+
+            from interop import flax_to_torch
+
+            torch.set_num_threads(2)
+            model = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(),
+                                        torch.nn.Linear(HIDDEN, 10))
+            # linen numbers submodules in construction order: the head is Dense_0
+            model.load_state_dict(flax_to_torch(params, model,
+                                                names={"0": "Dense_1", "2": "Dense_0"}))
+            model.eval()
+            xt_, yt_ = torch.from_numpy(x), torch.from_numpy(y)
+            base = rss_mib()
+            start = time.perf_counter()
+            traker = trak.TRAKer(model=model, task="image_classification", train_set_size=n,
+                                 save_dir=tmp, device="cpu", use_half_precision=False,
+                                 lambda_reg=1e-2, proj_dim=PROJ_DIM,
+                                 logging_level=logging.ERROR)
+            traker.load_checkpoint(model.state_dict(), model_id=0)
+            for s in range(0, n, BATCH):
+                traker.featurize(batch=(xt_[s:s + BATCH], yt_[s:s + BATCH]),
+                                 num_samples=len(xt_[s:s + BATCH]))
+            traker.finalize_features()
+            traker.start_scoring_checkpoint(exp_name="t", checkpoint=model.state_dict(),
+                                            model_id=0, num_targets=N_TARGETS)
+            traker.score(batch=(torch.from_numpy(tx), torch.from_numpy(ty)),
+                         num_samples=N_TARGETS)
+            scores = np.asarray(traker.finalize_scores(exp_name="t"))
+        seconds = time.perf_counter() - start
+    assert scores.shape == (n, N_TARGETS) and np.isfinite(scores).all()
+    return {"library": library, "n_train": n, "seconds": seconds,
+            "rss_before_mib": base, "peak_rss_mib": rss_mib()}
+
+
+def verdict(rows, sizes):
+    out = {}
+    for lib in LIBRARIES:
+        peaks = [r["peak_rss_mib"] for r in rows if r["library"] == lib]
+        growth = peaks[-1] - peaks[0]
+        # "independent": peak grows by < 10% from the smallest to the largest n_train
+        out[lib] = {"peak_rss_mib": peaks, "growth_mib": growth,
+                    "growth_per_1k_rows_mib": growth / ((sizes[-1] - sizes[0]) / 1000),
+                    "independent_of_n_train": bool(growth < 0.1 * peaks[0])}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--child", nargs=2, metavar=("LIBRARY", "N"))
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        return
+    sizes = (500, 1000) if args.quick else (1000, 4000, 16000)
+    rows = []
+    for n in sizes:
+        for lib in LIBRARIES:
+            done = subprocess.run([sys.executable, __file__, "--child", lib, str(n)],
+                                  check=True, capture_output=True, text=True)
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{lib:13} n_train={n:6d}  {r['seconds']:7.2f} s  peak RSS "
+                  f"{r['peak_rss_mib']:7.0f} MiB (after set-up {r['rss_before_mib']:.0f})",
+                  flush=True)
+    by = {(r["library"], r["n_train"]): r for r in rows}
+    print(f"\nfeaturize + finalize + score, MLP 64-{HIDDEN}-10, proj_dim={PROJ_DIM}, "
+          f"{N_TARGETS} targets, one checkpoint, a subprocess each")
+    print(f"{'n_train':>8} | {'trax_attr s':>11} {'peak MiB':>9} | {'traker s':>9} "
+          f"{'peak MiB':>9} | speed-up")
+    for n in sizes:
+        a, b = by[("trax_attr", n)], by[("traker 0.3.2", n)]
+        print(f"{n:8d} | {a['seconds']:11.2f} {a['peak_rss_mib']:9.0f} | {b['seconds']:9.2f} "
+              f"{b['peak_rss_mib']:9.0f} | {b['seconds'] / a['seconds']:6.2f}x")
+    memory = verdict(rows, sizes)
+    for lib, v in memory.items():
+        print(f"goal peak memory independent of n_train, {lib}: "
+              f"{'met' if v['independent_of_n_train'] else 'NOT met'} "
+              f"(+{v['growth_mib']:.0f} MiB from {sizes[0]} to {sizes[-1]} rows)")
+    out = {"machine": platform.processor() or platform.machine(), "quick": args.quick,
+           "proj_dim": PROJ_DIM, "n_targets": N_TARGETS, "model": f"MLP 64-{HIDDEN}-10",
+           "rows": rows, "speedup": {str(n): by[("traker 0.3.2", n)]["seconds"]
+                                     / by[("trax_attr", n)]["seconds"] for n in sizes},
+           "memory": memory}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / ("end_to_end_quick.json" if args.quick else "end_to_end.json")
+    path.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
