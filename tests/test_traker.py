@@ -198,6 +198,15 @@ def test_inverse_gram_matches_numpy_inverse():
     np.testing.assert_allclose(np.abs(rescaled).mean(), 1.0)
 
 
+def test_inverse_gram_singular_falls_back_to_the_pseudo_inverse():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 8))  # fewer rows than k: XᵀX has rank 5
+    gram = x.T @ x
+    with pytest.warns(trax_attr.IllConditionedWarning, match="pseudo-inverse"):
+        a = trax_attr.inverse_gram(gram, 0.0)
+    np.testing.assert_allclose(a, np.linalg.pinv(gram, hermitian=True), rtol=1e-8, atol=1e-10)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(train_set_size=0), "train_set_size must be a positive integer"),
     (dict(lambda_reg=-1.0), "lambda_reg must be a finite number"),

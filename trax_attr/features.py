@@ -19,6 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 
 from .gradients import GradWrt, Selection, out_to_loss_fn, per_example_grads, select
 from .models import Model, as_model
@@ -177,9 +178,10 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
     gram = np.asarray(gram, np.float64)
     k = gram.shape[0]
     reg = gram + lambda_reg * np.eye(k)
-    try:
-        chol = np.linalg.cholesky(reg)
-    except np.linalg.LinAlgError:
+    # LAPACK potrf/potri: A from the Cholesky factor in k³ flops, the symmetric inverse
+    # written to one triangle (two general LU solves would take about 3x as long)
+    chol, info = scipy.linalg.lapack.dpotrf(reg, lower=1, clean=1)
+    if info != 0:
         chol = None
     diag = np.abs(np.diag(chol)) if chol is not None else None
     if chol is None or diag.min() == 0:
@@ -197,8 +199,12 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
                 "lambda_reg (e.g. 1e-3 × the mean diagonal of XᵀX, "
                 f"{np.trace(gram) / k:.3g} here) or lower proj_dim.",
                 IllConditionedWarning, stacklevel=3)
-        identity = np.eye(k)
-        inverse = np.linalg.solve(chol.T, np.linalg.solve(chol, identity))
+        lower, info = scipy.linalg.lapack.dpotri(chol, lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"LAPACK dpotri failed (info={info}) on XᵀX + λI "
+                                        f"with λ = lambda_reg = {lambda_reg}; raise lambda_reg.")
+        lower = np.tril(lower)
+        inverse = lower + np.tril(lower, -1).T
     inverse = (inverse + inverse.T) / 2
     if traker_inverse_rescale:
         inverse /= np.abs(inverse).mean()
