@@ -177,7 +177,8 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
     """
     gram = np.asarray(gram, np.float64)
     k = gram.shape[0]
-    reg = gram + lambda_reg * np.eye(k)
+    reg = gram.copy()
+    reg[np.diag_indices(k)] += lambda_reg
     # LAPACK potrf/potri: A from the Cholesky factor in k³ flops, the symmetric inverse
     # written to one triangle (two general LU solves would take about 3x as long)
     chol, info = scipy.linalg.lapack.dpotrf(reg, lower=1, clean=1)
@@ -190,6 +191,7 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
             "Set lambda_reg > 0 (e.g. 1e-3 × the mean diagonal of XᵀX) or featurize more "
             "training examples than proj_dim.", IllConditionedWarning, stacklevel=3)
         inverse = np.linalg.pinv(reg, hermitian=True)
+        inverse = (inverse + inverse.T) / 2
     else:
         condition = float((diag.max() / diag.min()) ** 2)  # a lower bound on cond(reg)
         if condition > CONDITION_WARN:
@@ -199,13 +201,15 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
                 "lambda_reg (e.g. 1e-3 × the mean diagonal of XᵀX, "
                 f"{np.trace(gram) / k:.3g} here) or lower proj_dim.",
                 IllConditionedWarning, stacklevel=3)
-        lower, info = scipy.linalg.lapack.dpotri(chol, lower=1)
+        # potri overwrites the lower triangle only; the upper one holds the zeros that
+        # clean=1 left in the factor, so the full inverse is L + Lᵀ, diagonal counted once
+        lower, info = scipy.linalg.lapack.dpotri(chol, lower=1, overwrite_c=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"LAPACK dpotri failed (info={info}) on XᵀX + λI "
                                         f"with λ = lambda_reg = {lambda_reg}; raise lambda_reg.")
-        lower = np.tril(lower)
-        inverse = lower + np.tril(lower, -1).T
-    inverse = (inverse + inverse.T) / 2
+        diagonal = lower.diagonal().copy()
+        inverse = lower + lower.T
+        inverse[np.diag_indices(k)] = diagonal
     if traker_inverse_rescale:
         inverse /= np.abs(inverse).mean()
     return inverse

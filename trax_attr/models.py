@@ -21,7 +21,7 @@ projects its output with :func:`trax_attr.project` as usual.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -49,6 +49,11 @@ class Model(NamedTuple):
         calls ``y = tap(kernel_path, x, y)`` on each covered layer (y = x W + b) and goes
         on with the returned y; needed by the kronecker projector. The contract and the
         Flax layers covered are in :mod:`trax_attr.taps`; linen and nnx models have it.
+      cache_key: optional hashable value naming what ``apply`` (and ``apply_tapped``)
+        compute: TRAKers whose models have equal keys (and equal tasks, parameter
+        selections and projectors) share one compiled featurizer, so a second TRAKer in
+        the same process does not trace and compile again. ``None`` (the default): this
+        Model's functions are compiled for each TRAKer.
     """
 
     apply: Callable[..., Any]
@@ -56,6 +61,7 @@ class Model(NamedTuple):
     name: str
     host_grads: Callable[..., tuple[Any, Any]] | None = None
     apply_tapped: Callable[..., Any] | None = None
+    cache_key: Hashable | None = None
 
 
 def callable_model(apply_fn: Callable[..., Any]) -> Model:
@@ -73,7 +79,8 @@ def callable_model(apply_fn: Callable[..., Any]) -> Model:
             )
         return checkpoint, None
 
-    return Model(apply, split, getattr(apply_fn, "__name__", "apply_fn"))
+    return Model(apply, split, getattr(apply_fn, "__name__", "apply_fn"),
+                 cache_key=("callable", apply_fn) if _hashable(apply_fn) else None)
 
 
 def nnx_model(module) -> Model:
@@ -105,8 +112,9 @@ def nnx_model(module) -> Model:
             "nnx.state(model) and pass that State, or pass the trained module itself."
         )
 
+    # equal graph definitions compute the same function of (params, state)
     return Model(apply, split, type(module).__name__,
-                 apply_tapped=nnx_apply_tapped(graphdef))
+                 apply_tapped=nnx_apply_tapped(graphdef), cache_key=("nnx", graphdef))
 
 
 def linen_model(module, **apply_kwargs) -> Model:
@@ -126,7 +134,18 @@ def linen_model(module, **apply_kwargs) -> Model:
         state = {name: value for name, value in checkpoint.items() if name != "params"}
         return checkpoint["params"], state
 
-    return Model(apply, split, type(module).__name__, apply_tapped=linen_apply_tapped(apply))
+    # linen modules are frozen dataclasses: equal fields, equal function
+    key = ("linen", module, tuple(sorted(apply_kwargs.items())))
+    return Model(apply, split, type(module).__name__, apply_tapped=linen_apply_tapped(apply),
+                 cache_key=key if _hashable(key) else None)
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def is_torch_module(model) -> bool:
