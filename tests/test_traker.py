@@ -321,3 +321,17 @@ def test_equal_linen_modules_share_a_featurizer_and_different_ones_do_not():
     assert as_model(nn.Dense(4)).cache_key != as_model(nn.Dense(5)).cache_key
     # a Model built by hand has no key: compiled per TRAKer, as before
     assert trax_attr.Model(linear_apply, lambda c: (c, None), "m").cache_key is None
+
+
+def test_default_chunk_holds_8_mib_of_features_and_any_chunk_gives_the_same_scores(
+        tmp_path, linear_checkpoints, data):
+    traker = make(tmp_path / "default")
+    assert traker._chunk(512) == 4096 and traker._chunk(2048) == 1024
+    assert traker._chunk(2048, checkpoints=8) == 256 and traker._chunk(1 << 20) == 256
+    # float64 XᵀX, so that only the chunking differs, not the float32 summation order
+    _, reference = full_run(tmp_path / "one", linear_checkpoints, data, xtx_dtype=np.float64)
+    _, chunked = full_run(tmp_path / "seven", linear_checkpoints, data, chunk_rows=7,
+                          xtx_dtype=np.float64)
+    np.testing.assert_allclose(chunked, reference, rtol=1e-5, atol=1e-6 * np.abs(reference).max())
+    with pytest.raises(ValueError, match=r"chunk_rows must be a positive integer or None.*got 0"):
+        make(tmp_path / "bad", chunk_rows=0)

@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 # What rank 0 of a job decided about finalizing one checkpoint (broadcast to every rank).
 _SKIP, _GO, _BUSY, _FAILED = 0, 1, 2, 3
+_CHUNK_BYTES = 8 << 20     # default chunk_rows: 8 MiB of float32 features per chunk
+_DONE_CHUNK = 1 << 20      # rows of a done bitmap (1 byte each) read at once
 
 # Compiled featurizers shared by the TRAKers of one process (a fresh TRAKer for the same
 # model would otherwise trace and compile again: ~0.7 s for a small MLP on 2 cores).
@@ -150,6 +152,9 @@ class TRAKer:
       traker_inverse_rescale: divide each (XᵀX + λI)⁻¹ by its mean absolute entry, as
         traker 0.3.2 does (for score parity with it; off by default).
       chunk_rows: rows of the store read at once by finalize steps; bounds memory.
+        ``None`` (default): as many rows as fit in 8 MiB of float32 features (4096 rows at
+        k = 512, 1024 at k = 2048; over all checkpoints at once when scoring), at least
+        256.
       nonfinite: what to do with examples whose inputs, outputs or gradients hold NaN or
         Inf: ``"raise"`` (a :class:`NonFiniteError` naming them; nothing of the batch is
         written) or ``"zero"`` (store them as zero rows, which get score 0, with a
@@ -169,7 +174,7 @@ class TRAKer:
                  proj_dim: int = 2048, projector: str | Projector = "rademacher", seed: int = 0,
                  lambda_reg: float = 0.0, grad_wrt: GradWrt = None, proj_dtype=jnp.bfloat16,
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
-                 chunk_rows: int = 16384, nonfinite: str = "raise", mesh=None,
+                 chunk_rows: int | None = None, nonfinite: str = "raise", mesh=None,
                  backend: str | None = None, progress: bool = False):
         if (isinstance(train_set_size, bool) or not isinstance(train_set_size, (int, np.integer))
                 or train_set_size < 1):
@@ -183,8 +188,10 @@ class TRAKer:
                              "0.0 (none) or a small ridge such as 1e-3.")
         if np.dtype(xtx_dtype) not in (np.float32, np.float64):
             raise ValueError(f"xtx_dtype must be np.float32 or np.float64, got {xtx_dtype!r}.")
-        if not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}.")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(
+                chunk_rows, (int, np.integer)) or chunk_rows < 1):
+            raise ValueError(f"chunk_rows must be a positive integer or None (sized from "
+                             f"proj_dim), got {chunk_rows!r}.")
         self.model: Model = as_model(model, backend=backend)
         self.task: ModelOutput = get_task(task)
         self.projector: Projector = get_projector(projector, proj_dim, proj_dtype)
@@ -194,7 +201,7 @@ class TRAKer:
         self.grad_wrt = grad_wrt
         self.xtx_dtype = np.dtype(xtx_dtype)
         self.traker_inverse_rescale = bool(traker_inverse_rescale)
-        self.chunk_rows = int(chunk_rows)
+        self.chunk_rows = None if chunk_rows is None else int(chunk_rows)
         self.nonfinite = check_nonfinite_mode(nonfinite)
         self._num_classes: int | None = None
         self.mesh = sharding.check_mesh(mesh)
@@ -617,7 +624,7 @@ class TRAKer:
         grads = self.store.array_path(model_id, "grads")
         mine = sharding.process_rows(n)
         gram = sharding.stream_gram(lambda a, b: read_rows(grads, a, b), mine, k,
-                                    self.chunk_rows, self.mesh, self.xtx_dtype)
+                                    self._chunk(k), self.mesh, self.xtx_dtype)
         gram = sharding.process_sum(gram)
         inverse = inverse_gram(gram, self.lambda_reg,
                                traker_inverse_rescale=self.traker_inverse_rescale)
@@ -625,18 +632,24 @@ class TRAKer:
         partial = self.store.features_partial(model_id)
         sharding.stream_solve(lambda a, b: read_rows(grads, a, b),
                               lambda a, values: write_rows(partial, a, values), mine,
-                              inverse.astype(np.float32), self.chunk_rows, self.mesh)
+                              inverse.astype(np.float32), self._chunk(k), self.mesh)
         sharding.barrier()  # every rank's rows are written (and fsynced)
         if jax.process_index() == 0:
             self.store.publish_features(model_id)
+
+    def _chunk(self, k: int, checkpoints: int = 1) -> int:
+        """Rows per streamed chunk of ``checkpoints`` float32 arrays of width k."""
+        if self.chunk_rows is not None:
+            return self.chunk_rows
+        return max(256, _CHUNK_BYTES // (4 * k * checkpoints))
 
     def _missing_rows(self, done_path, n: int) -> tuple[list[int], int]:
         """(first few missing rows, how many) of a done bitmap, read in chunks."""
         if not done_path.exists():
             return list(range(min(n, 8))), n
         first, count = [], 0
-        for start in range(0, n, self.chunk_rows):
-            todo = np.flatnonzero(read_rows(done_path, start, start + self.chunk_rows) == 0)
+        for start in range(0, n, _DONE_CHUNK):
+            todo = np.flatnonzero(read_rows(done_path, start, start + _DONE_CHUNK) == 0)
             count += todo.size
             first.extend((todo[: 8 - len(first)] + start).tolist())
         return first, count
@@ -824,8 +837,9 @@ class TRAKer:
             total = sum(read_rows(path, start, stop).astype(np.float64) for path in out_to_loss)
             return (total / len(used) ** 2).astype(np.float32)
 
-        result = sharding.stream_scores(read_features, read_weights, targets, n, self.chunk_rows,
-                                        self.mesh, top_k=top_k, target_chunk=target_chunk)
+        result = sharding.stream_scores(read_features, read_weights, targets, n,
+                                        self._chunk(k, len(used)), self.mesh, top_k=top_k,
+                                        target_chunk=target_chunk)
         if top_k is None:
             self.store.save_scores(exp_name, result, used)
         return result
