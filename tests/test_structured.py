@@ -365,3 +365,43 @@ def test_structured_featurize_does_not_retrace():
         ids = jax.random.randint(jax.random.key(seed), (4, 6), 0, 10)
         phi, q = fn(selected, rest, state, key, None, (ids, jnp.arange(4) % 10))
         assert phi.shape == (4, 6 * 4 + 4) and np.isfinite(np.asarray(phi)).all()
+
+
+def _shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every value the equations of ``jaxpr`` (and its sub-jaxprs) make."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(getattr(var.aval, "shape", ())) for var in eqn.outvars]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _shapes(inner)
+    return shapes
+
+
+def test_structured_never_forms_the_per_example_gradient_of_a_covered_kernel():
+    """For a 256 x 512 Dense kernel and a batch of 8, no value of the structured featurize
+    program has a batch axis and 256 * 512 entries per example; the dense projector's
+    program does (the per-example gradients), so the check tells them apart."""
+
+    class Wide(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(10, use_bias=False)(nn.relu(nn.Dense(512, use_bias=False)(x)))
+
+    batch = 8
+    x = jnp.ones((batch, 256))
+    y = jnp.arange(batch) % 10
+    ckpt = Wide().init(jax.random.key(0), x[:1])
+
+    def per_example_kernel_grads(projector):
+        jaxpr = jax.make_jaxpr(lambda c, b: trax_attr.featurize(Wide(), c, b,
+                                                                projector=projector))(ckpt, (x, y))
+        return [s for s in _shapes(jaxpr.jaxpr)
+                if len(s) >= 2 and s[0] == batch and np.prod(s[1:]) >= 256 * 512]
+
+    dense = per_example_kernel_grads(trax_attr.rademacher(64, dtype=jnp.float32))
+    structured = per_example_kernel_grads(kronecker(4, 4, fallback_dim=8, dtype=jnp.float32))
+    assert dense, "the dense program should hold (B, 256 * 512) per-example gradients"
+    assert structured == [], structured
