@@ -50,6 +50,19 @@ def test_matrix_independent_of_blocks_cache_and_batch(proj):
     np.testing.assert_allclose(single[0], reference[3], rtol=1e-5, atol=1e-5)
 
 
+def test_automatic_blocks_grow_with_the_batch_within_bounds():
+    proj = trax_attr.rademacher(512)
+    assert [proj.rows_per_block(10**6, b) for b in (1, 64, 256, 1024, 4096)] == \
+        [1024, 1024, 4096, 16384, 32768]   # 16 rows per example, 1024 to 2**24 / k rows
+    assert trax_attr.rademacher(512, block_rows=7).rows_per_block(10**6, 1024) == 7
+    # a batch large enough for one block per leaf gives the same features as small blocks
+    key = trax_attr.projection_key(0, 0)
+    grads = leaves(jax.random.key(2), (3000, 40), batch=256)
+    np.testing.assert_allclose(trax_attr.project(proj, key, grads),
+                               trax_attr.project(proj._replace(block_rows=100), key, grads),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_cache_respects_budget():
     proj = trax_attr.rademacher(128, max_cache_bytes=1000 * 128 * 2 - 1)   # bf16: 2 bytes
     assert trax_attr.projection_cache(proj, trax_attr.projection_key(0, 0), (1000,)) is None

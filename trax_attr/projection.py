@@ -6,10 +6,12 @@ words, its row and its column. The matrix is therefore the same on every backend
 every batch size and for every block size, and any block of it can be made on its own
 inside ``jit`` without materialising the rest. Hashing runs at ~1.5e9 entries/s on a
 2-core CPU, fifteen times ``jax.random``'s threefry, so P is regenerated block by block for
-every batch at about the bfloat16 matmul rate: ~350 GFLOP/s for d = 1.13M, k = 2048
-(``benchmarks/featurize_dtype.py``). Keeping P instead (``max_cache_bytes``, off by
-default) measured no faster: equal in float32, ~10% faster for a 10k-parameter MLP and
-~3x slower at d = 1.13M in bfloat16, where a 4.6 GB matrix is streamed from memory.
+every batch, in blocks sized to the batch (below): ~490 GFLOP/s in bfloat16 for d = 1.13M,
+k = 2048, batch 128, and 0.7x or more of the same run's matmul rate for d >= 1e5
+(``benchmarks/featurize_dtype.py``, ``benchmarks/projection_roofline.py``). Keeping P
+instead (``max_cache_bytes``, off by default) measured no faster: about equal for a
+10k-parameter MLP and ~3.6x slower at d = 1.13M in bfloat16, where a 4.6 GB matrix is
+streamed from memory.
 
 Kinds:
 
@@ -44,9 +46,15 @@ __all__ = [
     "PROJECTORS",
 ]
 
-# Entries per generated block: 16M (e.g. 8192 rows at k = 2048), a few tens of MB of
-# temporaries, small against caches yet large enough to keep the matmul efficient.
-_BLOCK_ENTRIES = 1 << 24
+# Rows of P generated per block: 16 per example of the batch, at least 1024 and at most
+# 16M entries. The block is written, then read by the dot: at small batches it should
+# stay in the caches, at large ones the dot wants a long contraction. Measured on 2 cores
+# (bfloat16, k 512 to 8192): batch 32 to 128 run fastest at about 1024 rows (2.0x the
+# earlier fixed 16M-entry blocks at d = 1e5, k = 512, batch 32), batch 256 at about 4096
+# and batch 1024 with the whole leaf as one block.
+_MIN_BLOCK_ROWS = 1024
+_ROWS_PER_EXAMPLE = 16
+_MAX_BLOCK_ENTRIES = 1 << 24
 DEFAULT_MAX_CACHE_BYTES = 0     # regenerate: as fast, and no memory (see above)
 
 
@@ -72,10 +80,12 @@ class Projector(NamedTuple):
     def output_dim(self, grad_dim: int) -> int:
         return grad_dim if self.kind == "identity" else int(self.proj_dim)
 
-    def rows_per_block(self, grad_dim: int) -> int:
+    def rows_per_block(self, grad_dim: int, batch: int = 1) -> int:
+        """Rows of P generated at once for a batch of ``batch`` examples."""
         if self.block_rows is not None:
             return int(self.block_rows)
-        return max(1, _BLOCK_ENTRIES // self.output_dim(grad_dim))
+        most = max(_MIN_BLOCK_ROWS, _MAX_BLOCK_ENTRIES // self.output_dim(grad_dim))
+        return min(max(_MIN_BLOCK_ROWS, _ROWS_PER_EXAMPLE * batch), most)
 
 
 def _check_dims(kind: str, proj_dim, dtype, block_rows, max_cache_bytes) -> Projector:
@@ -299,7 +309,7 @@ def project(projector: Projector, key: jax.Array, grads: tuple[jax.Array, ...],
     if projector.kind == "identity":
         return jnp.concatenate([g.astype(jnp.float32) for g in grads], axis=1) * norm
     dtype = jnp.dtype(projector.dtype)
-    rows = projector.rows_per_block(d)
+    rows = projector.rows_per_block(d, grads[0].shape[0])
     num_cols = projector.proj_dim if num_cols is None else num_cols
     acc = jnp.zeros((grads[0].shape[0], num_cols), jnp.float32)
     offset = 0
