@@ -5,6 +5,12 @@ and proj_dim, on digits tiled with noise to several n_train. Each measurement ru
 own subprocess, so its peak resident memory (ru_maxrss of the child) is its own; the RSS
 after imports and model set-up is reported too. Goal: peak memory independent of n_train.
 
+Every point runs twice: with glibc's default malloc, and with its mmap threshold fixed
+(MALLOC_MMAP_THRESHOLD_=131072). By default glibc raises that threshold after the first
+large free, so later large buffers come from heaps it rarely returns to the system, and
+RSS jumps by tens of MiB at run-dependent moments; with the threshold fixed, large
+buffers are mapped and unmapped and the peak shows what each library holds.
+
     PYTHONPATH=. python benchmarks/end_to_end.py [--quick]
 
 Writes benchmarks/results/end_to_end.json (end_to_end_quick.json) and prints a table.
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import resource
 import subprocess
@@ -29,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PROJ_DIM, N_TARGETS, BATCH, HIDDEN = 512, 100, 500, 128
 LIBRARIES = ("trax_attr", "traker 0.3.2")
+MALLOC = {"glibc default": {}, "fixed mmap threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
 def rss_mib() -> float:
@@ -115,24 +123,40 @@ def child(library: str, n: int) -> dict:
 
 
 def verdict(rows, sizes):
-    """Peak RSS growth per library: over the whole range, and over its last 4x of rows.
+    """Peak RSS growth per library and malloc setting: over the whole range, and over its
+    last 4x of rows.
 
     "independent": < 10% growth from the smallest to the largest n_train. "bounded": < 10%
     growth over the last 4x of n_train, i.e. the peak has stopped growing once the rows
     exceed what the library holds at once. The dense (n_train, n_targets) float32 result
-    both libraries return is O(n_train) by definition; its size is reported with it.
+    both libraries return is O(n_train) by definition, and so is the benchmark's own data
+    (in the RSS after set-up): "working memory" is the peak less both, judged by the same
+    10% rule.
     """
     out = {}
     last = next(i for i, n in enumerate(sizes) if n * 4 >= sizes[-1])
     for lib in LIBRARIES:
-        peaks = [r["peak_rss_mib"] for r in rows if r["library"] == lib]
-        growth, tail = peaks[-1] - peaks[0], peaks[-1] - peaks[last]
-        out[lib] = {"peak_rss_mib": peaks, "growth_mib": growth,
-                    "growth_per_1k_rows_mib": growth / ((sizes[-1] - sizes[0]) / 1000),
-                    "independent_of_n_train": bool(growth < 0.1 * peaks[0]),
-                    "growth_last_4x_mib": tail, "last_4x_from": sizes[last],
-                    "bounded": bool(tail < 0.1 * peaks[last]),
-                    "scores_mib": [n * N_TARGETS * 4 / 2**20 for n in sizes]}
+        for malloc in MALLOC:
+            mine = [r for r in rows if r["library"] == lib and r["malloc"] == malloc]
+            peaks = [r["peak_rss_mib"] for r in mine]
+            growth, tail = peaks[-1] - peaks[0], peaks[-1] - peaks[last]
+            scores = [n * N_TARGETS * 4 / 2**20 for n in sizes]
+            # what the library holds: the peak less the RSS after set-up (imports, the
+            # benchmark's own data) and less the returned score matrix
+            working = [r["peak_rss_mib"] - r["rss_before_mib"] - sc
+                       for r, sc in zip(mine, scores)]
+            out[f"{lib}, {malloc}"] = {
+                "peak_rss_mib": peaks, "growth_mib": growth,
+                "growth_per_1k_rows_mib": growth / ((sizes[-1] - sizes[0]) / 1000),
+                "independent_of_n_train": bool(growth < 0.1 * peaks[0]),
+                "growth_last_4x_mib": tail, "last_4x_from": sizes[last],
+                "bounded": bool(tail < 0.1 * peaks[last]),
+                "scores_mib": scores,
+                "working_mib": working,
+                "working_growth_mib": working[-1] - working[0],
+                # the same 10%-of-the-peak rule on that working memory's growth
+                "working_memory_independent": bool(working[-1] - working[0]
+                                                   < 0.1 * peaks[0])}
     return out
 
 
@@ -148,30 +172,42 @@ def main(argv=None):
     rows = []
     for n in sizes:
         for lib in LIBRARIES:
-            done = subprocess.run([sys.executable, __file__, "--child", lib, str(n)],
-                                  check=True, capture_output=True, text=True)
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{lib:13} n_train={n:6d}  {r['seconds']:7.2f} s  peak RSS "
-                  f"{r['peak_rss_mib']:7.0f} MiB (after set-up {r['rss_before_mib']:.0f})",
-                  flush=True)
-    by = {(r["library"], r["n_train"]): r for r in rows}
+            for malloc, env in MALLOC.items():
+                done = subprocess.run([sys.executable, __file__, "--child", lib, str(n)],
+                                      check=True, capture_output=True, text=True,
+                                      env={**os.environ, **env})
+                rows.append({**json.loads(done.stdout.strip().splitlines()[-1]),
+                             "malloc": malloc})
+                r = rows[-1]
+                print(f"{lib:13} n_train={n:6d} {malloc:21} {r['seconds']:7.2f} s  peak RSS "
+                      f"{r['peak_rss_mib']:7.0f} MiB (after set-up {r['rss_before_mib']:.0f})",
+                      flush=True)
+    by = {(r["library"], r["n_train"]): r for r in rows if r["malloc"] == "glibc default"}
+    fixed = {(r["library"], r["n_train"]): r for r in rows
+             if r["malloc"] == "fixed mmap threshold"}
     print(f"\nfeaturize + finalize + score, MLP 64-{HIDDEN}-10, proj_dim={PROJ_DIM}, "
           f"{N_TARGETS} targets, one checkpoint, a subprocess each")
-    print(f"{'n_train':>8} | {'trax_attr s':>11} {'peak MiB':>9} | {'traker s':>9} "
-          f"{'peak MiB':>9} | speed-up")
+    print("(time and first peak: glibc default malloc; second peak: fixed mmap threshold)")
+    print(f"{'n_train':>8} | {'trax_attr s':>11} {'peak MiB':>13} | {'traker s':>9} "
+          f"{'peak MiB':>13} | speed-up")
     for n in sizes:
         a, b = by[("trax_attr", n)], by[("traker 0.3.2", n)]
-        print(f"{n:8d} | {a['seconds']:11.2f} {a['peak_rss_mib']:9.0f} | {b['seconds']:9.2f} "
-              f"{b['peak_rss_mib']:9.0f} | {b['seconds'] / a['seconds']:6.2f}x")
+        fa, fb = fixed[("trax_attr", n)], fixed[("traker 0.3.2", n)]
+        print(f"{n:8d} | {a['seconds']:11.2f} {a['peak_rss_mib']:6.0f} {fa['peak_rss_mib']:6.0f} | "
+              f"{b['seconds']:9.2f} {b['peak_rss_mib']:6.0f} {fb['peak_rss_mib']:6.0f} | "
+              f"{b['seconds'] / a['seconds']:6.2f}x")
     memory = verdict(rows, sizes)
     for lib, v in memory.items():
         print(f"goal peak memory independent of n_train, {lib}: "
               f"{'met' if v['independent_of_n_train'] else 'NOT met'} "
-              f"(+{v['growth_mib']:.0f} MiB from {sizes[0]} to {sizes[-1]} rows); bounded: "
-              f"{'yes' if v['bounded'] else 'no'} (+{v['growth_last_4x_mib']:.0f} MiB from "
+              f"({v['growth_mib']:+.0f} MiB from {sizes[0]} to {sizes[-1]} rows); bounded: "
+              f"{'yes' if v['bounded'] else 'no'} ({v['growth_last_4x_mib']:+.0f} MiB from "
               f"{v['last_4x_from']} to {sizes[-1]} rows; the returned scores grow by "
-              f"{v['scores_mib'][-1] - v['scores_mib'][sizes.index(v['last_4x_from'])]:.0f} MiB)")
+              f"{v['scores_mib'][-1] - v['scores_mib'][sizes.index(v['last_4x_from'])]:.0f} MiB); "
+              f"working memory (peak less set-up RSS and score matrix) "
+              f"{', '.join(f'{w:.0f}' for w in v['working_mib'])} MiB, growth < 10% of the "
+              f"peak: "
+              f"{'met' if v['working_memory_independent'] else 'NOT met'}")
     out = {"machine": platform.processor() or platform.machine(), "quick": args.quick,
            "proj_dim": PROJ_DIM, "n_targets": N_TARGETS, "model": f"MLP 64-{HIDDEN}-10",
            "rows": rows, "speedup": {str(n): by[("traker 0.3.2", n)]["seconds"]

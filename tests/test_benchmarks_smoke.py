@@ -38,4 +38,8 @@ def test_run_all_quick():
         (lib, n) for lib in ("trax_attr", "traker 0.3.2") for n in (500, 1000)}
     assert all(r["seconds"] > 0 and r["peak_rss_mib"] >= r["rss_before_mib"] > 0
                for r in out["rows"])
-    assert set(out["memory"]) == {"trax_attr", "traker 0.3.2"}
+    assert {(r["library"], r["malloc"]) for r in out["rows"]} == {
+        (lib, m) for lib in ("trax_attr", "traker 0.3.2")
+        for m in ("glibc default", "fixed mmap threshold")}
+    assert set(out["memory"]) == {f"{lib}, {m}" for lib in ("trax_attr", "traker 0.3.2")
+                                  for m in ("glibc default", "fixed mmap threshold")}
