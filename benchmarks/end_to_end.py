@@ -58,16 +58,12 @@ def data(n: int):
 
 
 def child(library: str, n: int) -> dict:
-    import flax.linen as nn
     import jax
 
-    class MLP(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(10)(nn.relu(nn.Dense(HIDDEN)(x)))
+    from _mlp import MLP, TORCH_NAMES, torch_twin
 
     (x, y), (tx, ty) = data(n)
-    params = MLP().init(jax.random.key(0), x[:1])
+    params = MLP(HIDDEN).init(jax.random.key(0), x[:1])
     with tempfile.TemporaryDirectory() as tmp:
         if library == "trax_attr":
             import trax_attr
@@ -75,7 +71,7 @@ def child(library: str, n: int) -> dict:
             y32, ty32 = y.astype(np.int32), ty.astype(np.int32)
             base = rss_mib()
             start = time.perf_counter()
-            traker = trax_attr.TRAKer(model=MLP(), task="image_classification",
+            traker = trax_attr.TRAKer(model=MLP(HIDDEN), task="image_classification",
                                       train_set_size=n, save_dir=tmp, proj_dim=PROJ_DIM,
                                       lambda_reg=1e-2)
             traker.load_checkpoint(params, model_id=0)
@@ -93,11 +89,8 @@ def child(library: str, n: int) -> dict:
             from interop import flax_to_torch
 
             torch.set_num_threads(2)
-            model = torch.nn.Sequential(torch.nn.Linear(64, HIDDEN), torch.nn.ReLU(),
-                                        torch.nn.Linear(HIDDEN, 10))
-            # linen numbers submodules in construction order: the head is Dense_0
-            model.load_state_dict(flax_to_torch(params, model,
-                                                names={"0": "Dense_1", "2": "Dense_0"}))
+            model = torch_twin(HIDDEN)
+            model.load_state_dict(flax_to_torch(params, model, names=TORCH_NAMES))
             model.eval()
             xt_, yt_ = torch.from_numpy(x), torch.from_numpy(y)
             base = rss_mib()

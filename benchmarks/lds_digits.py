@@ -22,14 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from sklearn.datasets import load_digits
 
-import trax_attr
+from _mlp import MLP, TORCH_NAMES, shuffled_digits, torch_twin, trak_scores, train
 from trax_attr.evaluation import (grad_cosine_scores, grad_dot_scores, lds, random_scores,
                                   subset_retraining)
 
@@ -43,57 +40,12 @@ QUICK = dict(n_train=300, n_targets=20, subsets=24, ensembles=(1, 2), proj_dims=
              steps=100)
 
 
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(10)(nn.relu(nn.Dense(64)(x)))
-
-
-def torch_twin():
-    import torch
-    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
-                               torch.nn.Linear(64, 10))
-
-
-# linen numbers submodules in construction order: the head, Dense(10), is built first
-TORCH_NAMES = {"0": "Dense_1", "2": "Dense_0"}
-
-
-def train(x, y, seed, steps):
-    module = MLP()
-    params = module.init(jax.random.key(seed), x[:1])["params"]
-    opt = optax.adam(3e-3)
-
-    def loss(p):
-        logits = module.apply({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    @jax.jit
-    def step(p, s):
-        u, s = opt.update(jax.grad(loss)(p), s, p)
-        return optax.apply_updates(p, u), s
-
-    state = opt.init(params)
-    for _ in range(steps):
-        params, state = step(params, state)
-    return {"params": params}
-
-
 def ours(checkpoints, train_set, targets, k):
     """(scores (n_train, n_targets), seconds of featurize + finalize + score)."""
-    n, nt = len(train_set[0]), len(targets[0])
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        traker = trax_attr.TRAKer(model=MLP(), task="image_classification", train_set_size=n,
-                                  save_dir=tmp, proj_dim=k, lambda_reg=LAMBDA)
-        for m, ckpt in enumerate(checkpoints):
-            traker.load_checkpoint(ckpt, model_id=m)
-            traker.featurize(train_set, num_samples=n)
-        traker.finalize_features()
-        for m, ckpt in enumerate(checkpoints):
-            traker.start_scoring_checkpoint("t", ckpt, model_id=m, num_targets=nt)
-            traker.score(targets, num_samples=nt)
-        scores = np.asarray(traker.finalize_scores("t"))
+        scores, _ = trak_scores(tmp, checkpoints, train_set, targets, proj_dim=k,
+                                lambda_reg=LAMBDA)
         return scores, time.perf_counter() - start
 
 
@@ -192,11 +144,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    data = load_digits()
-    x = (data.data / 16.0).astype(np.float32)
-    y = data.target.astype(np.int32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    x, y = x[perm], y[perm]
+    x, y = shuffled_digits()
     n, nt = cfg["n_train"], cfg["n_targets"]
     train_set = (x[:n], y[:n])
     targets = (x[len(x) - nt:], y[len(x) - nt:])  # from the held-out end of the split

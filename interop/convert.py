@@ -335,6 +335,14 @@ def _where(condition, input=None, other=None):
     return jnp.where(condition, input, other)
 
 
+def _tril(x, diagonal=0):
+    return jnp.tril(x, diagonal)
+
+
+def _triu(x, diagonal=0):
+    return jnp.triu(x, diagonal)
+
+
 def _masked_fill(x, mask, value):
     return jnp.where(mask, jnp.asarray(value).astype(x.dtype), x)
 
@@ -413,8 +421,8 @@ SUPPORTED_FUNCTIONS: dict[Any, Callable] = {
     torch.einsum: _einsum,
     torch.where: _where,
     torch.masked_fill: _masked_fill,
-    torch.tril: lambda x, diagonal=0: jnp.tril(x, diagonal),
-    torch.triu: lambda x, diagonal=0: jnp.triu(x, diagonal),
+    torch.tril: _tril,
+    torch.triu: _triu,
     torch.arange: _arange,
     torch.ones: _factory(1),
     torch.zeros: _factory(0),
@@ -469,8 +477,8 @@ SUPPORTED_METHODS: dict[str, Callable] = {
     "log_softmax": _log_softmax,
     "masked_fill": _masked_fill,
     "where": lambda x, condition, other: jnp.where(condition, x, other),
-    "tril": lambda x, diagonal=0: jnp.tril(x, diagonal),
-    "triu": lambda x, diagonal=0: jnp.triu(x, diagonal),
+    "tril": _tril,
+    "triu": _triu,
     "to": _to,
     "type_as": lambda x, other: x.astype(other.dtype),
     "bool": _cast(torch.bool),

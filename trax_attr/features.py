@@ -81,6 +81,11 @@ def featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
     return fn
 
 
+# one jitted projection for every host-gradient featurizer: its compilations (per
+# projector and batch shape) are shared by all TRAKers of the process
+_project_jit = jax.jit(project, static_argnums=0)
+
+
 def host_featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
     """:func:`featurize_fn` for a model with ``host_grads`` (gradients outside JAX).
 
@@ -89,7 +94,6 @@ def host_featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
     per batch shape). Gradients handed over as jax arrays made with
     ``jax.dlpack.from_dlpack`` (interop's torch route) reach the projection without a copy.
     """
-    project_jit = jax.jit(project, static_argnums=0)
 
     def fn(selected, rest, state, key, cache, batch):
         params = f.selection.merge(selected, rest)
@@ -101,7 +105,7 @@ def host_featurize_fn(f: Featurizer, *, with_out_to_loss: bool = True):
                 f"{len(f.selection.paths)} selected parameters; it must return one (B, size) "
                 "array per path, in the order of the paths it was given."
             )
-        phi = project_jit(f.projector, key, tuple(jnp.asarray(g) for g in grads), cache)
+        phi = _project_jit(f.projector, key, tuple(jnp.asarray(g) for g in grads), cache)
         if not with_out_to_loss:
             return phi, None
         return phi, jnp.asarray(q).reshape(-1).astype(jnp.float32)

@@ -203,6 +203,7 @@ def test_unsupported_glue_is_refused_when_applied(fn, op):
     with pytest.raises(interop.UnsupportedOpError, match=op):
         apply({}, {}, jnp.ones((2, 3)))
 
+
 def run_both(module, x):
     module.eval()
     apply = interop.convert(module)
