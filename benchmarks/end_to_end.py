@@ -11,7 +11,7 @@ large free, so later large buffers come from heaps it rarely returns to the syst
 RSS jumps by tens of MiB at run-dependent moments; with the threshold fixed, large
 buffers are mapped and unmapped and the peak shows what each library holds.
 
-    PYTHONPATH=. python benchmarks/end_to_end.py [--quick]
+    PYTHONPATH=src python benchmarks/end_to_end.py [--quick]
 
 Writes benchmarks/results/end_to_end.json (end_to_end_quick.json) and prints a table.
 """
@@ -86,7 +86,7 @@ def child(library: str, n: int) -> dict:
             import torch
             import trak
 
-            from interop import flax_to_torch
+            from trax_attr.interop import flax_to_torch
 
             torch.set_num_threads(2)
             model = torch_twin(HIDDEN)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import trax_attr
-from trax_attr.features import Featurizer, featurize_fn
+from trax_attr.engine import Checkpoint, Featurizer, features
 from trax_attr.gradients import select
 
 
@@ -44,8 +44,8 @@ def mlp_apply(params, x):
 def throughput(projector, params, batch, repeats):
     model = trax_attr.as_model(mlp_apply)
     selection = select(params)
-    step = jax.jit(featurize_fn(Featurizer(trax_attr.get_task("classification"), model,
-                                           selection, projector)))
+    f = Featurizer(trax_attr.get_task("classification"), model, selection, projector)
+    step = jax.jit(lambda ckpt, batch: features(f, ckpt, batch))
     selected, rest = selection.split(params)
     key = trax_attr.projection_key(0, 0)
     t0 = time.perf_counter()
@@ -53,10 +53,11 @@ def throughput(projector, params, batch, repeats):
     if cache is not None:
         jax.block_until_ready(cache)
     cache_s = time.perf_counter() - t0
-    phi = jax.block_until_ready(step(selected, rest, None, key, cache, batch)[0])   # warm-up
+    ckpt = Checkpoint(selected, rest, None, key, cache)
+    phi = jax.block_until_ready(step(ckpt, batch)[0])   # warm-up
     t0 = time.perf_counter()
     for _ in range(repeats):
-        jax.block_until_ready(step(selected, rest, None, key, cache, batch))
+        jax.block_until_ready(step(ckpt, batch))
     seconds = (time.perf_counter() - t0) / repeats
     return len(batch[0]) / seconds, cache_s, cache is not None, np.asarray(phi)
 

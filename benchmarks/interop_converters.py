@@ -5,7 +5,7 @@ list it converts with the same outputs as torch (float32, rtol 1e-4), and the sp
 jit(vmap(grad(margin))) on a small CNN. Prints one JSON object; run:
 
     pip install torchax==0.0.13 torch2jax==0.1.0   # the `converters` extra
-    PYTHONPATH=. python benchmarks/interop_converters.py
+    PYTHONPATH=src python benchmarks/interop_converters.py
 """
 
 import json
@@ -88,7 +88,7 @@ def via_torch2jax(module):
 
 
 def via_interop(module):
-    import interop
+    from trax_attr import interop
 
     apply = interop.convert(module)
     state = module.state_dict()

@@ -7,7 +7,7 @@ measured against one counterfactual ground truth (evaluation.subset_retraining, 
 .cache/). Baselines (gradient dot, gradient cosine on full gradients of checkpoint 0,
 random) are scored once.
 
-    PYTHONPATH=. python benchmarks/lds_digits.py [--quick]
+    PYTHONPATH=src python benchmarks/lds_digits.py [--quick]
 
 Writes benchmarks/results/lds_digits.json (lds_digits_quick.json) and prints a table.
 """
@@ -54,7 +54,7 @@ def reference(checkpoints, train_set, targets, k):
     import torch
     import trak
 
-    from interop import flax_to_torch
+    from trax_attr.interop import flax_to_torch
 
     torch.set_num_threads(2)
     twins = []

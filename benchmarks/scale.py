@@ -104,7 +104,7 @@ def main():
     for n in opts.sizes:
         with tempfile.TemporaryDirectory(prefix="trax_scale_") as tmp:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-                [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+                [str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
             out = subprocess.run(
                 [sys.executable, __file__, "--child", str(n), "--save-dir", tmp,
                  "--proj-dim", str(opts.proj_dim), "--targets", str(opts.targets),

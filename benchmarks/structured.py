@@ -4,7 +4,7 @@ Each (model, projector) runs in its own subprocess so that peak RSS (ru_maxrss) 
 own; the dense and structured runs of a model are measured back to back, and the table
 reports their ratio (the CPU is shared, so ratios are steadier than absolute rates).
 
-    PYTHONPATH=. python benchmarks/structured.py            # JSON to benchmarks/results/
+    PYTHONPATH=src python benchmarks/structured.py            # JSON to benchmarks/results/
 
 Dense uses the library's fast path (bfloat16 Rademacher, float32 accumulation); the
 structured projector runs in float32 with a bfloat16 dense fallback of 64 columns.
@@ -12,6 +12,7 @@ structured projector runs in float32 with a bfloat16 dense fallback of 64 column
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -77,7 +78,7 @@ def child(name, mode):
     import numpy as np
 
     import trax_attr
-    from trax_attr.features import Featurizer, featurize_fn
+    from trax_attr.engine import Checkpoint, Featurizer, features
     from trax_attr.gradients import select
     from trax_attr.projection import projection_key
     from trax_attr.tasks import get_task
@@ -89,7 +90,7 @@ def child(name, mode):
     selection = select(params)
     selected, rest = selection.split(params)
     structured = trax_attr.kronecker(r, r, fallback_dim=FALLBACK, dtype=jnp.float32,)
-    structured = structured._replace(fallback=trax_attr.rademacher(FALLBACK, max_cache_bytes=0))
+    structured = dataclasses.replace(structured, fallback=trax_attr.rademacher(FALLBACK, max_cache_bytes=0))
     rng = np.random.default_rng(0)
     if kind == "mlp":
         xb = jnp.asarray(rng.normal(size=(batch, 784)), jnp.float32)
@@ -98,19 +99,24 @@ def child(name, mode):
     yb = jnp.asarray(rng.integers(0, 10, size=batch), jnp.int32)
     key = projection_key(0, 0)
     task = get_task("image_classification")
-    fs = jax.jit(featurize_fn(Featurizer(task, model, selection, structured), with_out_to_loss=False))
-    k = int(jax.eval_shape(fs, selected, rest, state, key, None, (xb, yb))[0].shape[1])
+    def featurizer(projector):
+        f = Featurizer(task, model, selection, projector)
+        return jax.jit(lambda ckpt, batch: features(f, ckpt, batch)[0])
+
+    ckpt = Checkpoint(selected, rest, state, key, None)
+    fs = featurizer(structured)
+    k = int(jax.eval_shape(fs, ckpt, (xb, yb)).shape[1])
     if mode == "structured":
         fn, repeats = fs, 3
     else:
         # equal k; the P of a 10M+ model never fits the cache, so it is regenerated
         dense = trax_attr.rademacher(k)
-        fn = jax.jit(featurize_fn(Featurizer(task, model, selection, dense), with_out_to_loss=False))
+        fn = featurizer(dense)
         repeats = timed
-    jax.block_until_ready(fn(selected, rest, state, key, None, (xb, yb)))  # compile
+    jax.block_until_ready(fn(ckpt, (xb, yb)))  # compile
     t0 = time.perf_counter()
     for _ in range(repeats):
-        jax.block_until_ready(fn(selected, rest, state, key, None, (xb, yb)))
+        jax.block_until_ready(fn(ckpt, (xb, yb)))
     dt = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
     print(json.dumps({"model": name, "mode": mode, "params": selection.grad_dim, "k": k,

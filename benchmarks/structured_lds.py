@@ -1,6 +1,6 @@
 """LDS on digits: Kronecker-structured vs dense projection at equal k (linen MLP 64-64-10).
 
-    PYTHONPATH=. python benchmarks/structured_lds.py   # JSON to benchmarks/results/
+    PYTHONPATH=src python benchmarks/structured_lds.py   # JSON to benchmarks/results/
 """
 
 from __future__ import annotations

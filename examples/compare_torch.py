@@ -1,6 +1,6 @@
 """Compare TRAK scores of a torch CNN and its Flax twin, and (if installed) traker 0.3.2.
 
-    PYTHONPATH=. python examples/compare_torch.py      # about 40 s on 2 busy CPU cores
+    PYTHONPATH=src python examples/compare_torch.py      # about 40 s on 2 busy CPU cores
 
 A small CNN with BatchNorm is trained in torch on 300 scikit-learn digits; its weights
 are copied into an nnx twin; TRAKer attributes 20 held-out digits three ways:
@@ -21,7 +21,7 @@ from flax import nnx
 from sklearn.datasets import load_digits
 from torch import nn
 
-import interop
+from trax_attr import interop
 import trax_attr
 
 N_TRAIN, N_TARGETS, LAMBDA = 300, 20, 1.0

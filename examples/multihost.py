@@ -2,10 +2,10 @@
 
 One machine, two CPU processes (gloo collectives)::
 
-    python -m trax_attr.launch --num-processes 2 examples/multihost.py --save-dir /tmp/trak_mh
+    python -m trax_attr.parallel.launch --num-processes 2 examples/multihost.py --save-dir /tmp/trak_mh
 
 A cluster: run this script once per host with the cluster's launcher (srun, ...) and a
-save_dir on a shared file system; trax_attr.launch.initialize() then reads the cluster's
+save_dir on a shared file system; trax_attr.parallel.launch.initialize() then reads the cluster's
 environment. The same script with one process gives the same scores.
 """
 
@@ -44,7 +44,7 @@ def main():
     parser.add_argument("--top-k", type=int, default=5)
     opts = parser.parse_args()
 
-    from trax_attr import launch
+    from trax_attr.parallel import launch
 
     launch.initialize()  # before any other JAX call
     import jax
@@ -52,7 +52,7 @@ def main():
     from sklearn.datasets import load_digits
 
     import trax_attr
-    from trax_attr import sharding
+    from trax_attr import parallel
 
     data = load_digits()
     x, y = (data.data / 16.0).astype(np.float32), data.target.astype(np.int32)
@@ -63,7 +63,7 @@ def main():
     traker = trax_attr.TRAKer(model=apply, task="image_classification", train_set_size=n,
                               save_dir=opts.save_dir, proj_dim=128, proj_dtype=jnp.float32,
                               lambda_reg=0.05, chunk_rows=256)
-    mine = sharding.process_rows(n)  # this process's rows
+    mine = parallel.process_rows(n)  # this process's rows
     for model_id, params in enumerate(checkpoints):
         traker.load_checkpoint(params, model_id=model_id)
         for start in range(mine.start, mine.stop, 100):

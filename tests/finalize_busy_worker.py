@@ -1,4 +1,4 @@
-"""Run by test_sharding.py under ``python -m trax_attr.launch --num-processes 2``: every
+"""Run by test_sharding.py under ``python -m trax_attr.parallel.launch --num-processes 2``: every
 process featurizes its rows, then calls finalize_features while the test process holds the
 checkpoint's lock (shared, as a featurizer does). Each rank writes what it raised to
 ``<out>.<rank>``; the test checks that both ranks raised StoreBusyError (none hangs)."""
@@ -9,14 +9,14 @@ import numpy as np
 
 
 def main(save_dir, out, ready):
-    from trax_attr import launch
+    from trax_attr.parallel import launch
 
     launch.initialize()
     import jax
     import jax.numpy as jnp
 
     import trax_attr
-    from trax_attr import sharding
+    from trax_attr import parallel
 
     n = 40
     x = np.random.default_rng(0).normal(size=(n, 6)).astype(np.float32)
@@ -24,10 +24,10 @@ def main(save_dir, out, ready):
     traker = trax_attr.TRAKer(model=lambda p, v: v @ p, train_set_size=n, save_dir=save_dir,
                               proj_dim=8, proj_dtype=jnp.float32)
     traker.load_checkpoint(np.ones((6, 3), np.float32), model_id=0)
-    mine = sharding.process_rows(n)
+    mine = parallel.process_rows(n)
     traker.featurize((x[mine.start:mine.stop], y[mine.start:mine.stop]),
                      inds=np.arange(mine.start, mine.stop))
-    sharding.barrier()
+    parallel.barrier()
     if jax.process_index() == 0:
         open(ready, "w").close()
     while not __import__("os").path.exists(ready + ".locked"):

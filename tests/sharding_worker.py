@@ -9,7 +9,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 import trax_attr
-from trax_attr import sharding
+from trax_attr import parallel
 from trax_attr.store import read_rows
 
 
@@ -37,7 +37,11 @@ def run(mesh, save_dir, digits, checkpoints, max_cache_bytes=1 << 30):
     q = np.stack([read_rows(traker.store.array_path(i, "out_to_loss"), 0, n) for i in (0, 1)])
     targets = np.stack([np.asarray(traker.store.target_arrays("t", i, m, 96)["grads"])
                         for i in (0, 1)])
-    return dict(scores=scores, grads=grads, q=q, targets=targets, **top._asdict())
+    # the functional core on the same rows, mesh and chunks: the same kernels
+    functional = np.asarray(jax.jit(lambda a, b, c: trax_attr.trak_scores(
+        a, b, c, lambda_reg=0.05, chunk_rows=300, mesh=traker.mesh))(grads, q, targets))
+    return dict(scores=scores, grads=grads, q=q, targets=targets, functional=functional,
+                **top._asdict())
 
 
 def main(out, root):
@@ -51,7 +55,7 @@ def main(out, root):
                     "b": rng.normal(0, 0.1, 10).astype(np.float32)} for _ in range(2)]
     devices = jax.devices()
     results = {}
-    for name, mesh in [("one", sharding.default_mesh(devices[:1])),
+    for name, mesh in [("one", parallel.default_mesh(devices[:1])),
                        ("eight", None),
                        ("grid", Mesh(np.array(devices).reshape(4, 2), ("rows", "targets"))),
                        ("proj", Mesh(np.array(devices).reshape(4, 2), ("data", "proj"))),

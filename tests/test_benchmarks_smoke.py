@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_run_all_quick():
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"],
-                   check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                   check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
                    timeout=240)
     rows = json.loads((ROOT / "benchmarks/results/projection_roofline_quick.json").read_text())["rows"]
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}

@@ -6,7 +6,7 @@ from flax import nnx
 
 import trax_attr
 from conftest import linear_apply
-from trax_attr.checkpoints import load_checkpoint_dir, save_checkpoint_dir
+from trax_attr.models.checkpoints import load_checkpoint_dir, save_checkpoint_dir
 
 
 def test_orbax_roundtrip_into_an_nnx_structure(tmp_path):

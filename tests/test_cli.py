@@ -3,13 +3,14 @@
 import json
 import struct
 
+import jax
 import numpy as np
 import pytest
 
 import trax_attr
 from conftest import linear_apply
 from trax_attr import cli
-from trax_attr.demo import LDS_PIXELS, QUICK, grid_pixels
+from trax_attr.apps.demo import LDS_PIXELS, QUICK, grid_pixels
 
 
 def png_size(path):
@@ -127,6 +128,25 @@ def test_info(store, capsys):
     assert "model 0: 100/100 rows featurized, finalized" in out
     assert "test: 5 targets; targets scored per model {0: 5/5, 1: 5/5}; scores [100, 5]" in out
     assert "partial: 3 targets; targets scored per model {0: 0/3}; scores not finalized" in out
+
+
+def test_info_on_a_kronecker_store(tmp_path, capsys, digits):
+    """The kronecker projector's width comes from the model's layers: info reads it from
+    the store (it once crashed parsing a width like "4x4+512")."""
+    import flax.linen as nn
+
+    x, y = digits
+    module = nn.Dense(10)
+    variables = module.init(jax.random.key(0), x[:1])
+    traker = trax_attr.TRAKer(model=module, train_set_size=50, save_dir=tmp_path / "k",
+                              projector=trax_attr.kronecker(4, 3, fallback_dim=8))
+    traker.load_checkpoint(variables, model_id=0)
+    traker.featurize(batch=(x[:50], y[:50]), num_samples=50)
+    traker.finalize_features()
+    status, out, err = run(capsys, "info", str(tmp_path / "k"))
+    assert status == 0, err
+    assert "feature_dim: 20" in out and "model 0: 50/50 rows featurized, finalized" in out
+    assert '"kind": "kronecker"' in out
 
 
 def test_top(store, capsys):

@@ -82,3 +82,35 @@ def test_functional_core_in_user_jit(problem, linear_checkpoints):
 
     scores = np.asarray(attribute(linear_checkpoints, train, target))
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_functional_core_equals_traker_to_1e6(problem, linear_checkpoints, tmp_path):
+    """One engine: trak_scores on the rows the TRAKer stored runs the TRAKer's own kernels
+    over the same chunks, so the two agree to float32 rounding of one value (1e-6)."""
+    train, target, _ = problem
+    traker = trax_attr.TRAKer(model=linear_apply, task="image_classification",
+                              train_set_size=len(train[0]), save_dir=tmp_path,
+                              projector="identity", lambda_reg=0.1, chunk_rows=400)
+    for model_id, params in enumerate(linear_checkpoints):
+        traker.load_checkpoint(params, model_id=model_id)
+        traker.featurize(batch=train, num_samples=len(train[0]))
+    traker.finalize_features()
+    for model_id, params in enumerate(linear_checkpoints):
+        traker.start_scoring_checkpoint("test", params, model_id=model_id,
+                                        num_targets=len(target[0]))
+        traker.score(batch=target, num_samples=len(target[0]))
+    scores = traker.finalize_scores("test")
+    ids = range(len(linear_checkpoints))
+    phi = np.stack([traker.train_features(i) for i in ids])
+    q = np.stack([traker.store.model_arrays(i, 1500, phi.shape[2], mode="r")["out_to_loss"]
+                  for i in ids])
+    phi_t = np.stack([traker.target_features("test", i) for i in ids])
+    functional = np.asarray(jax.jit(lambda a, b, c: trax_attr.trak_scores(
+        a, b, c, lambda_reg=0.1, chunk_rows=400))(phi, q, phi_t))
+    relative = np.abs(functional - scores).max() / np.abs(scores).max()
+    assert relative <= 1e-6, relative
+    # the functional featurize gives the stored rows themselves
+    direct, direct_q = trax_attr.featurize(linear_apply, linear_checkpoints[1], train,
+                                           model_id=1, mesh=traker.mesh)
+    np.testing.assert_array_equal(np.asarray(direct), phi[1])
+    np.testing.assert_array_equal(np.asarray(direct_q), q[1])

@@ -120,7 +120,7 @@ def test_subset_retraining_deterministic_and_cached(small_problem, tmp_path, mon
     def no_training(*args, **kwargs):
         raise AssertionError("a cached result was retrained")
 
-    monkeypatch.setattr(ev, "train_nnx_models", no_training)
+    monkeypatch.setattr(ev.retraining, "train_nnx_models", no_training)
     cached = ev.subset_retraining(jax.random.key(0), train, targets, **kwargs)
     np.testing.assert_array_equal(cached[0], masks)
     np.testing.assert_array_equal(cached[1], margins)
@@ -132,7 +132,7 @@ def test_subset_retraining_deterministic_and_cached(small_problem, tmp_path, mon
 def test_models_trained_together_equal_models_trained_alone(small_problem):
     """vmap over models must not mix them: model i alone gives model i of the batch."""
     (x, y), (xt, yt) = small_problem
-    subsets = ev._subset_indices(jax.random.key(5), 300, 150, 3)
+    subsets = ev.retraining._subset_indices(jax.random.key(5), 300, 150, 3)
     make = lambda rngs: ev.MLP((64, 16, 10), rngs)  # noqa: E731
     together = ev.train_nnx_models(jax.random.key(7), make, x, y, subsets, steps=40, lr=1e-2)
     margins = ev.nnx_margins(*together, xt, yt)

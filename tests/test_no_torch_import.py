@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120,
-                          env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
+                          env={"PYTHONPATH": str(ROOT / "src"), "JAX_PLATFORMS": "cpu",
                                "PATH": "/usr/bin:/bin"})
 
 
@@ -21,7 +21,7 @@ def test_import_trax_attr_does_not_import_torch():
         import trax_attr
         trax_attr.as_model(lambda params, x: x)
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")
-                        or m == "interop" or m.startswith("interop."))
+                        or m == "trax_attr.interop" or m.startswith("trax_attr.interop."))
         print(loaded)
     """)
     assert result.returncode == 0, result.stderr

@@ -1,5 +1,7 @@
 """One suite every projector passes, plus the properties of the hashed matrix."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -38,10 +40,10 @@ def test_matrix_independent_of_blocks_cache_and_batch(proj):
     grads = leaves(jax.random.key(1), sizes, batch=8)
     reference = trax_attr.project(proj, key, grads)
     for block_rows in (1, 7, 64, 4096):
-        blocked = proj._replace(block_rows=block_rows)
+        blocked = dataclasses.replace(proj, block_rows=block_rows)
         np.testing.assert_allclose(trax_attr.project(blocked, key, grads), reference,
                                    rtol=1e-5, atol=1e-5)
-    cache = trax_attr.projection_cache(proj._replace(max_cache_bytes=1 << 24), key, sizes)
+    cache = trax_attr.projection_cache(dataclasses.replace(proj, max_cache_bytes=1 << 24), key, sizes)
     assert cache is not None and [c.shape for c in cache] == [(1000, 256), (17, 256)]
     np.testing.assert_allclose(trax_attr.project(proj, key, grads, cache), reference,
                                rtol=1e-5, atol=1e-5)
@@ -59,14 +61,14 @@ def test_automatic_blocks_grow_with_the_batch_within_bounds():
     key = trax_attr.projection_key(0, 0)
     grads = leaves(jax.random.key(2), (3000, 40), batch=256)
     np.testing.assert_allclose(trax_attr.project(proj, key, grads),
-                               trax_attr.project(proj._replace(block_rows=100), key, grads),
+                               trax_attr.project(dataclasses.replace(proj, block_rows=100), key, grads),
                                rtol=1e-5, atol=1e-5)
 
 
 def test_cache_respects_budget():
     proj = trax_attr.rademacher(128, max_cache_bytes=1000 * 128 * 2 - 1)   # bf16: 2 bytes
     assert trax_attr.projection_cache(proj, trax_attr.projection_key(0, 0), (1000,)) is None
-    assert trax_attr.projection_cache(proj._replace(max_cache_bytes=1000 * 128 * 2),
+    assert trax_attr.projection_cache(dataclasses.replace(proj, max_cache_bytes=1000 * 128 * 2),
                                       trax_attr.projection_key(0, 0), (1000,)) is not None
 
 
@@ -105,7 +107,7 @@ def test_entries_have_the_right_distribution():
 def test_johnson_lindenstrauss(proj):
     """Norms and inner products are preserved: ‖Pᵀg‖²/k ≈ ‖g‖² within a few 1/√k."""
     k, d = 1024, 5000
-    proj = proj._replace(proj_dim=k)
+    proj = dataclasses.replace(proj, proj_dim=k)
     g = jax.random.normal(jax.random.key(7), (20, d))
     phi = trax_attr.project(proj, trax_attr.projection_key(0, 0), (g,)) * np.sqrt(d / k)
     # E‖φ‖² = ‖g‖², relative sd √(2/k) = 0.044 for each of 20 vectors: allow 5 sd

@@ -6,7 +6,7 @@ import pytest
 
 import trax_attr
 from conftest import linear_apply
-from trax_attr.checks import NonFiniteError, NonFiniteWarning
+from trax_attr import NonFiniteError, NonFiniteWarning
 
 N, M, B = 64, 16, 32
 
@@ -264,5 +264,6 @@ def test_invalid_settings_are_refused(tmp_path, kwargs, match):
 
 def test_reopening_with_other_settings_is_refused(tmp_path):
     make(tmp_path)
-    with pytest.raises(ValueError, match=r"lambda_reg: stored 0.01, given 0.5.*another save_dir"):
-        make(tmp_path, lambda_reg=0.5)
+    make(tmp_path, lambda_reg=0.5)  # λ is a finalize-time choice, not a store setting
+    with pytest.raises(ValueError, match=r"seed: stored 0, given 3.*another save_dir"):
+        make(tmp_path, seed=3)

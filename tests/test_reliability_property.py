@@ -30,7 +30,7 @@ def make(save_dir):
 
 @pytest.fixture(scope="module")
 def setup(digits, linear_checkpoints, tmp_path_factory):
-    """The clean pass's rows and features, and a jitted featurizer to share (compile once)."""
+    """The clean pass's rows and its finalized inverse."""
     x, y = digits
     train = (x[:N], y[:N])
     traker = make(tmp_path_factory.mktemp("clean"))
@@ -41,8 +41,8 @@ def setup(digits, linear_checkpoints, tmp_path_factory):
     traker.finalize_features()
     rows = {name: np.array(a) for name, a in
             traker.store.model_arrays(0, N, K, mode="r").items()}
-    features = np.array(traker.store.features(0, N, K))
-    return _Setup((train, params, rows, features, traker._featurize))
+    inverse = np.array(traker.store.finished(0, "inverse", (K, K), np.float32))
+    return _Setup((train, params, rows, inverse))
 
 
 class _Setup(tuple):
@@ -58,7 +58,7 @@ steps = st.lists(st.tuples(batches, st.none() | st.integers(1, 8), st.booleans()
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=steps)
 def test_interleaved_featurize_with_crashes_equals_one_clean_pass(setup, steps):
-    train, params, clean_rows, clean_features, jitted = setup
+    train, params, clean_rows, clean_inverse = setup
     folder = tempfile.mkdtemp(prefix="trax_prop_")
     events = [0, None]
 
@@ -75,8 +75,7 @@ def test_interleaved_featurize_with_crashes_equals_one_clean_pass(setup, steps):
 
     def open_traker():
         traker = make(folder)
-        traker.load_checkpoint(params, model_id=0)
-        traker._featurize = jitted  # the same pure function; saves a compile per reopen
+        traker.load_checkpoint(params, model_id=0)  # compiled once: the jit is shared
         return traker
 
     try:
@@ -103,8 +102,9 @@ def test_interleaved_featurize_with_crashes_equals_one_clean_pass(setup, steps):
             scale = np.abs(clean_rows[name]).max()
             np.testing.assert_allclose(rows[name], clean_rows[name], rtol=1e-6,
                                        atol=1e-6 * scale)
-        np.testing.assert_allclose(traker.store.features(0, N, K), clean_features, rtol=1e-5,
-                                   atol=1e-5 * np.abs(clean_features).max())
+        inverse = traker.store.finished(0, "inverse", (K, K), np.float32)
+        np.testing.assert_allclose(inverse, clean_inverse, rtol=1e-5,
+                                   atol=1e-5 * np.abs(clean_inverse).max())
     finally:
         np.memmap.flush, os.replace, os.fsync = originals
         shutil.rmtree(folder, ignore_errors=True)

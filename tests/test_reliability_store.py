@@ -14,7 +14,8 @@ import pytest
 
 import trax_attr
 from conftest import linear_apply
-from trax_attr import store as store_module
+from trax_attr.store import files as store_files
+from trax_attr.store import store as store_module
 from trax_attr.store import Store, StoreBusyError, StoreWriteError
 
 N, M, B, K = 64, 16, 32, 16
@@ -110,8 +111,8 @@ def test_truncated_row_array_gives_a_clear_error_and_the_fix_works(tmp_path, dat
 ])
 def test_altered_finished_arrays_are_never_used(finished, tmp_path, damage, match):
     folder, scores = copy_of(finished, tmp_path)
-    damage(folder / "models" / "0" / "features.npy")
-    with pytest.raises(ValueError, match=r"features.npy of model_id=0 .*" + match):
+    damage(folder / "models" / "0" / "inverse.npy")
+    with pytest.raises(ValueError, match=r"inverse.npy of model_id=0 .*" + match):
         make(folder).finalize_scores(exp_name="test")
     damage(folder / "experiments" / "test" / "scores.npy")
     with pytest.raises(ValueError, match=r"scores of experiment 'test' .*" + match):
@@ -127,21 +128,21 @@ def test_crash_inside_finalize_features_never_leaves_a_used_half_array(
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # stands for a kill after half the rows
 
-    monkeypatch.setattr(store_module, "file_record", crash)
+    monkeypatch.setattr(store_files, "file_record", crash)
     with pytest.raises(KeyboardInterrupt):
         traker.finalize_features()
     folder = tmp_path / "models" / "0"
-    assert not (folder / "features.npy").exists() and not list(folder.glob(".features*"))
+    assert not (folder / "inverse.npy").exists() and not list(folder.glob(".inverse*"))
     monkeypatch.undo()
-    # now crash after the rename, before the record: features.npy exists, unrecorded
+    # now crash after the rename, before the record: inverse.npy exists, unrecorded
     real = store_module.write_json_atomic
     monkeypatch.setattr(store_module, "write_json_atomic", crash)
     with pytest.raises(KeyboardInterrupt):
         traker.finalize_features()
     monkeypatch.setattr(store_module, "write_json_atomic", real)
-    assert (folder / "features.npy").exists() and not traker.finalized(0)
+    assert (folder / "inverse.npy").exists() and not traker.finalized(0)
     with pytest.raises(ValueError, match=r"not finalized"):
-        traker.store.features(0, N, K)
+        traker.store.finished(0, "inverse", (K, K), np.float32)
     traker.finalize_features()  # recomputes it
     traker.start_scoring_checkpoint(exp_name="test", checkpoint=params, model_id=0, num_targets=M)
     traker.score(batch=data[1], num_samples=M)
@@ -186,7 +187,7 @@ def test_nothing_is_unpickled(finished, tmp_path, monkeypatch):
     # even with a matching record (an attacker who also edits the metadata)
     meta_path = folder / "experiments" / "test" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["scores"].update(store_module.file_record(scores))
+    meta["scores"].update(store_files.file_record(scores))
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"not a plain .npy array.*nothing is unpickled"):
         Store(folder, {}).load_scores("test")

@@ -12,8 +12,8 @@ import pytest
 
 import trax_attr
 from trax_attr.gradients import per_example_grads, select
-from trax_attr.projection import Projector, matrix_block, projection_key
-from trax_attr.structured import kronecker, layer_keys
+from trax_attr.projection import matrix_block, projection_key, rademacher
+from trax_attr.projection.kronecker import kronecker, layer_keys
 from trax_attr.tasks import get_task
 
 
@@ -52,8 +52,8 @@ def explicit_matrix(proj, key, selection, fb_paths, layer_dims):
         if p in layer_dims:
             d_in, d_out = layer_dims[p]
             k_in, k_out = layer_keys(key, p)
-            p_in = matrix_block(Projector("rademacher", proj.r_in, "float32"), k_in, 0, d_in)
-            p_out = matrix_block(Projector("rademacher", proj.r_out, "float32"), k_out, 0, d_out)
+            p_in = matrix_block(rademacher(proj.r_in, dtype=jnp.float32), k_in, 0, d_in)
+            p_out = matrix_block(rademacher(proj.r_out, dtype=jnp.float32), k_out, 0, d_out)
             block = np.asarray(jnp.kron(p_in, p_out), np.float64)
             big[offsets[i]:offsets[i + 1], col:col + block.shape[1]] = block
             col += block.shape[1]
@@ -330,11 +330,12 @@ def test_traker_with_nnx_model_and_kronecker(tmp_path):
     traker = trax_attr.TRAKer(model=module, task="image_classification", train_set_size=8,
                               save_dir=str(tmp_path), projector=proj, lambda_reg=1e-2)
     other = nnx.state(NnxTransformer(nnx.Rngs(1)), nnx.Param)
+    compiled = trax_attr.parallel.featurize._cache_size()
     for model_id, ckpt in enumerate((None, other)):
         traker.load_checkpoint(ckpt, model_id=model_id)
         traker.featurize((ids[:4], y[:4]), num_samples=4)
         traker.featurize((ids[4:], y[4:]), num_samples=4)
-    assert traker._featurize._cache_size() == 1
+    assert trax_attr.parallel.featurize._cache_size() - compiled == 1
     n_layers = 6  # embedding, query, key, value, out, mlp
     assert traker.proj_dim == n_layers * 2 * 3 + 8
     for model_id, ckpt in enumerate((None, other)):
@@ -357,13 +358,15 @@ def test_structured_featurize_does_not_retrace():
     params, state = model.split(None)
     selection = select(params)
     selected, rest = selection.split(params)
-    f = trax_attr.features.Featurizer(get_task("image_classification"), model, selection,
-                                      kronecker(2, 2, fallback_dim=4))
-    fn = jax.jit(chex.assert_max_traces(trax_attr.features.featurize_fn(f), n=1))
+    f = trax_attr.engine.Featurizer(get_task("image_classification"), model, selection,
+                                    kronecker(2, 2, fallback_dim=4))
+    fn = jax.jit(chex.assert_max_traces(
+        lambda ckpt, batch: trax_attr.engine.features(f, ckpt, batch), n=1))
     key = projection_key(0, 0)
     for seed in (1, 2):
         ids = jax.random.randint(jax.random.key(seed), (4, 6), 0, 10)
-        phi, q = fn(selected, rest, state, key, None, (ids, jnp.arange(4) % 10))
+        ckpt = trax_attr.engine.Checkpoint(selected, rest, state, key, None)
+        phi, q = fn(ckpt, (ids, jnp.arange(4) % 10))
         assert phi.shape == (4, 6 * 4 + 4) and np.isfinite(np.asarray(phi)).all()
 
 

@@ -140,8 +140,11 @@ def test_clip_bank_is_the_models_embeddings(clip_setup):
     params, images, texts, bank = clip_setup
     u, v, _ = tm.two_tower_apply(params, images, texts)
     assert bank.image_embeddings.shape == (16, 8) and bank.image_embeddings.dtype == jnp.float32
-    np.testing.assert_allclose(bank.image_embeddings, u, rtol=1e-6)
-    np.testing.assert_allclose(bank.text_embeddings, v, rtol=1e-6)
+    # the bank is computed in jitted batches of 6, the reference eagerly on all 16: float32
+    # rounding differs by ~1e-7 of the scale (entries near 0 differ more relatively)
+    for bank_part, eager in ((bank.image_embeddings, u), (bank.text_embeddings, v)):
+        np.testing.assert_allclose(bank_part, eager, rtol=1e-6,
+                                   atol=1e-6 * float(np.abs(eager).max()))
 
 
 def test_clip_comparison_sets_are_uniform_over_the_bank(clip_setup):

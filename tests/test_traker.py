@@ -72,14 +72,17 @@ def test_resume_skips_finished_rows(tmp_path, linear_checkpoints, data):
     second = make(tmp_path / "run")
     second.load_checkpoint(params, model_id=0)
     computed = []
-    original = second._featurize
-    second._featurize = lambda *args: computed.append(len(args[-1][0])) or original(*args)
+    original = second._features
+    second._features = lambda *args: computed.append(len(args[-1][0])) or original(*args)
     for start in range(0, N, 40):                      # the same loop again from the start
         second.featurize(batch=tuple(a[start:start + 40] for a in data[0]))
     # rows 0..99 were on disk: two batches skipped, 80..119 computed its 20 new rows (as 32)
     assert computed == [32, 40, 40, 40]
     second.finalize_features()
-    np.testing.assert_allclose(scores_of(second, [params], data[1]), reference, rtol=1e-6)
+    # rows 100..119 were computed in a padded batch of 32, not 40: float32 rounding of
+    # the features (~1e-7) may differ, so entries near 0 differ relative to the scale only
+    np.testing.assert_allclose(scores_of(second, [params], data[1]), reference, rtol=1e-5,
+                               atol=1e-5 * np.abs(reference).max())
 
 
 def test_partly_finished_batch_computes_only_the_rest(tmp_path, linear_checkpoints, data):
@@ -91,8 +94,8 @@ def test_partly_finished_batch_computes_only_the_rest(tmp_path, linear_checkpoin
     store = traker.store.model_arrays(0, N, 64)
     before = np.array(store["grads"][:30])
     calls = []
-    original = traker._featurize
-    traker._featurize = lambda *args: calls.append(len(args[-1][0])) or original(*args)
+    original = traker._features
+    traker._features = lambda *args: calls.append(len(args[-1][0])) or original(*args)
     traker.featurize(batch=tuple(a[20:60] for a in train), inds=np.arange(20, 60))
     assert calls == [32]                               # 30 new rows, padded to 32, not 40
     np.testing.assert_array_equal(store["grads"][:30], before)
@@ -106,9 +109,9 @@ def test_no_recompilation_on_the_second_batch(tmp_path, linear_checkpoints, data
     featurize_all(traker, linear_checkpoints[0], data[0])
     # (the compiled featurizer is shared with earlier TRAKers of the same settings, which
     # may have compiled other batch shapes: count what this run adds)
-    compiled = traker._featurize._cache_size()
+    compiled = trax_attr.parallel.featurize._cache_size()
     featurize_all(traker, linear_checkpoints[1], data[0], model_id=1)
-    assert traker._featurize._cache_size() == compiled
+    assert trax_attr.parallel.featurize._cache_size() == compiled
 
 
 def test_reopening_with_other_settings_is_refused(tmp_path, linear_checkpoints, data):
@@ -325,9 +328,10 @@ def test_equal_linen_modules_share_a_featurizer_and_different_ones_do_not():
 
 def test_default_chunk_holds_8_mib_of_features_and_any_chunk_gives_the_same_scores(
         tmp_path, linear_checkpoints, data):
-    traker = make(tmp_path / "default")
-    assert traker._chunk(512) == 4096 and traker._chunk(2048) == 1024
-    assert traker._chunk(2048, checkpoints=8) == 256 and traker._chunk(1 << 20) == 256
+    from trax_attr.pipeline import chunk_rows
+
+    assert chunk_rows(512) == 4096 and chunk_rows(2048) == 1024
+    assert chunk_rows(2048, checkpoints=8) == 256 and chunk_rows(1 << 20) == 256
     # float64 XᵀX, so that only the chunking differs, not the float32 summation order
     _, reference = full_run(tmp_path / "one", linear_checkpoints, data, xtx_dtype=np.float64)
     _, chunked = full_run(tmp_path / "seven", linear_checkpoints, data, chunk_rows=7,

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="interop tests need torch (the interop extra)")
 from torch import nn  # noqa: E402
 
-import interop  # noqa: E402
+from trax_attr import interop  # noqa: E402
 
 torch.manual_seed(0)
 

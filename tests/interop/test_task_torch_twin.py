@@ -25,7 +25,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the torch twins need torch (the interop extra)")
 from torch import nn  # noqa: E402
 
-import interop  # noqa: E402
+from trax_attr import interop  # noqa: E402
 import trax_attr  # noqa: E402
 import task_models as tm  # noqa: E402
 from flax import nnx  # noqa: E402

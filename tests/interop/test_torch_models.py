@@ -7,7 +7,7 @@ import scipy.stats
 torch = pytest.importorskip("torch", reason="interop tests need torch (the interop extra)")
 from torch import nn  # noqa: E402
 
-import interop  # noqa: E402
+from trax_attr import interop  # noqa: E402
 import trax_attr  # noqa: E402
 from trax_attr.evaluation import ScoreAgreement  # noqa: E402
 from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
@@ -129,7 +129,7 @@ def test_dlpack_hand_over_shares_memory():
     import jax.numpy as jnp
 
     array = jnp.arange(64 * 33, dtype=jnp.float32).reshape(64, 33)
-    tensor = interop.models._to_torch(array, torch.device("cpu"))
+    tensor = trax_attr.interop.models._to_torch(array, torch.device("cpu"))
     assert tensor.data_ptr() == array.unsafe_buffer_pointer()
     grads = torch.randn(64, 300)
     assert jax.dlpack.from_dlpack(grads).unsafe_buffer_pointer() == grads.data_ptr()

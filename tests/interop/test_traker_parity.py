@@ -18,7 +18,7 @@ trak = pytest.importorskip(
     "trak", reason="traker==0.3.2 is not installed (pip install 'trax_attr[test]'); the "
     "reference-parity tests need it")
 
-import interop  # noqa: E402
+from trax_attr import interop  # noqa: E402
 import trax_attr  # noqa: E402
 from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
     N_TARGETS, N_TRAIN, digits_images, torch_cnn)

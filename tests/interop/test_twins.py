@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="interop tests need torch (the interop extra)")
 
-import interop  # noqa: E402
+from trax_attr import interop  # noqa: E402
 import trax_attr  # noqa: E402
 from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
     N_TARGETS, N_TRAIN, digits_images, nnx_cnn, torch_cnn)
@@ -57,9 +57,9 @@ def test_margins_and_one_minus_p_agree(twins, torch_cnn, digits_images):
     task = ImageClassification()
     with torch.no_grad():
         logits = torch_cnn(torch.from_numpy(x))
-    want_margin = torch.func.vmap(interop.models.classification_margin)(
+    want_margin = torch.func.vmap(trax_attr.interop.models.classification_margin)(
         logits, torch.from_numpy(y).long()).numpy()
-    want_q = interop.models.one_minus_p(logits, torch.from_numpy(y).long(), 1.0).numpy()
+    want_q = trax_attr.interop.models.one_minus_p(logits, torch.from_numpy(y).long(), 1.0).numpy()
     assert want_q.min() >= 0 and np.median(want_q) < 0.5, "the CNN should be trained"
     for name in ("flax", "converted"):
         model, checkpoint = twins[name]

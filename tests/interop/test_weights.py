@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="interop tests need torch (the interop extra)")
 from torch import nn  # noqa: E402
 
-import interop  # noqa: E402
+from trax_attr import interop  # noqa: E402
 from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
     TorchCNN, digits_images, linen_cnn, nnx_cnn, torch_cnn)
 
