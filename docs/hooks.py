@@ -17,4 +17,8 @@ def on_page_markdown(markdown, page, config, files):
     if page.file.src_uri != "index.md":
         return markdown
     text = _README.read_text(encoding="utf-8")
-    return re.sub(r"\]\(docs/", "](", text)
+    text = re.sub(r"\]\(docs/", "](", text)
+    # links to repository files outside docs/ (LICENSE, ...) have no page on the site
+    return re.sub(r"\[([^\]]+)\]\((?!https?://|#)([^)]+?)\)",
+                  lambda m: m.group(0) if m.group(2).split("#")[0].endswith(".md")
+                  or m.group(2).startswith("images/") else m.group(1), text)
