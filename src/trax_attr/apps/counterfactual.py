@@ -46,17 +46,18 @@ def cached(path: Path, compute: Callable[[], dict]) -> dict:
 
 def noise_reference(config: DemoConfig, masks, train, test, folder: Path,
                     progress: bool) -> np.ndarray:
-    """Margins ``(S, m)`` of the LDS subsets retrained with other seeds (cached)."""
+    """Margins ``(S, m)`` of the LDS subsets retrained with another seed (cached), shared
+    by every subset as in the LDS retraining itself (``same_init``)."""
     from ..hashing import digest
 
     recipe = {"version": DEMO_VERSION, "steps": config.subset_steps, "lr": config.lr,
-              "batch_size": config.batch_size, "seed": config.seed}
+              "batch_size": config.batch_size, "seed": config.seed, "same_init": True}
     path = folder / f"noise-{digest(recipe, masks, train[1], test[1])[:16]}.npz"
 
     def compute():
         base = jax.random.key(config.seed + 7)
-        keys = [jax.random.fold_in(base, i) for i in range(len(masks))]
-        bar = Bar(progress, len(masks), "retrain the LDS subsets, other seeds", "CNNs")
+        keys = [jax.random.fold_in(base, 0)] * len(masks)
+        bar = Bar(progress, len(masks), "retrain the LDS subsets, another seed", "CNNs")
         margins = train_margins(keys, [np.flatnonzero(mask) for mask in masks], train, test,
                                  config, bar)
         bar.close()

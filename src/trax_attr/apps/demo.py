@@ -210,7 +210,7 @@ def run_demo(config: DemoConfig, out: str | Path, cache_dir: str | Path, *,
         jax.random.key(config.seed + 1), train, test, num_models=config.subsets,
         alpha=config.alpha, steps=config.subset_steps, lr=config.lr,
         batch_size=config.batch_size, make_model=CNN, models_at_once=1,
-        cache_dir=folder / "counterfactual")
+        cache_dir=folder / "counterfactual", same_init=True)
     reference = (noise_reference(config, masks, train, test, folder, progress)
                  if config.noise_reference else None)
     times["lds retraining"] = time.perf_counter() - start

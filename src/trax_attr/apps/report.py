@@ -41,7 +41,7 @@ class Results:
     scores: np.ndarray             # (n, m) TRAK scores of the whole ensemble
     masks: np.ndarray              # (S, n) bool, the LDS subsets
     margins: np.ndarray            # (S, m) margins of the CNNs retrained on them
-    reference: np.ndarray | None   # (S, m) the same subsets retrained with other seeds
+    reference: np.ndarray | None   # (S, m) the same subsets retrained from another shared seed
     lds: dict                      # {method: {M: LDSResult}}
     seed_to_seed: tuple | None     # (mean, low, high, per_target) Spearman of two retrainings
     removal: dict
@@ -251,7 +251,8 @@ def _lines(r: Results, rows: list[dict], targets: list[int]) -> list[str]:
         two = r.lds["TRAK, 2-seed mean"]
         lines.append("  TRAK against the mean of 2 retrainings per subset: "
                      + ", ".join(f"M = {size} {two[size].mean:.3f}" for size in sorted(two)))
-        lines.append(f"  one retraining as the prediction of another (same subsets, other seeds): "
+        lines.append("  one retraining as the prediction of another (same subsets, another shared "
+                     f"seed): "
                      f"Spearman {mean:.3f} [{low:.3f}, {high:.3f}]")
     seeds = r.removal["top_drop"].shape[0]
     lines.append(f"removal check ({len(r.removal['targets'])} targets, {seeds} seed(s), margin "

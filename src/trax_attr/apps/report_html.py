@@ -76,9 +76,10 @@ def page(r: Results, rows: list[dict], targets: list[int], j: int, lines: list[s
                    + ", ".join(f"M = {size}: {two[size].mean:.3f}" for size in sorted(two))
                    + f"</td></tr><tr><td>one retraining as the prediction of another</td>"
                    f"<td class=n colspan=3>{mean:.3f} [{low:.3f}, {high:.3f}]</td></tr>")
-        seed_text = f"""<p>How noisy is the ground truth? Every subset was retrained a second time
-with other seeds. Used as the prediction of the first, the second retraining reaches a Spearman
-correlation of {mean:.3f} [{low:.3f}, {high:.3f}] with it{': which half of the training set a CNN sees moves a target&#39;s margin much less than the seed does, so any LDS measured against single retrainings is small' if mean < 0.2 else ''}.
+        seed_text = f"""<p>How noisy is the ground truth? Every LDS subset is retrained from one
+shared initialisation and minibatch order (a paired design: subsets differ by their data
+alone), and a second time from another shared seed. Used as the prediction of the first, the
+second retraining reaches a Spearman correlation of {mean:.3f} [{low:.3f}, {high:.3f}] with it{': which half of the training set a CNN sees moves a target&#39;s margin much less than the seed does, so any LDS measured against single retrainings is small' if mean < 0.2 else ''}.
 Against the mean of the two retrainings, a less noisy ground truth, TRAK's LDS at M = {top_m} is
 {two[top_m].mean:.3f} (against single retrainings: {trakm.mean:.3f}).</p>"""
     lds_rows = "".join(
@@ -159,8 +160,8 @@ TRAK, averaged over checkpoints as TRAK is: a like-for-like comparison. {_lds_st
 <figcaption>LDS (95% bootstrap interval over targets) against the number of checkpoints M.</figcaption></figure>
 <figure><img src="lds_scatter.png" alt="predicted against actual margin changes for one target" width="{LDS_PIXELS[0]}" height="{LDS_PIXELS[1]}">
 <figcaption>Target #{j}, the one with the median LDS: each point is one retrained subset, TRAK's
-predicted margin change against the retrained CNN's. Open circles: the same subsets retrained with
-other seeds; the vertical gaps are seed noise.</figcaption></figure>
+predicted margin change against the retrained CNN's. Open circles: the same subsets retrained
+from another shared seed; the vertical gaps are seed noise.</figcaption></figure>
 </div>
 
 <h2>Proponents and opponents</h2>
