@@ -99,3 +99,21 @@ def test_gathers_with_one_process():
     np.testing.assert_array_equal(parallel.process_allgather(x), x[None])
     np.testing.assert_array_equal(parallel.process_concat(x), x)
     np.testing.assert_array_equal(parallel.process_sum(x), x)
+
+
+def test_pivot_inverse_against_float64_inverse_and_cholesky():
+    """The scalar Gauss-Jordan sweeps: D⁻¹ against numpy's float64 inverse, the pivots'
+    square roots against diag of numpy's Cholesky factor; an indefinite D gives a NaN."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 16)) * np.linspace(0.5, 3, 16)
+    d = x.T @ x
+    inv, diag = linalg.pivot_inverse(jnp.asarray(d, jnp.float32))
+    expected = np.linalg.inv(d)
+    assert np.abs(np.asarray(inv) - expected).max() <= 1e-5 * np.abs(expected).max()
+    np.testing.assert_allclose(np.asarray(diag), np.diagonal(np.linalg.cholesky(d)),
+                               rtol=1e-5)
+    indefinite = d - 1.01 * np.linalg.eigvalsh(d)[-1] * np.eye(16)
+    assert np.isnan(np.asarray(linalg.pivot_inverse(jnp.asarray(indefinite,
+                                                                jnp.float32))[1])).any()

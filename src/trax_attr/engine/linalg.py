@@ -246,14 +246,27 @@ def gram_rows(acc: jax.Array, full: jax.Array, row0, block: int) -> jax.Array:
 
 
 def pivot_inverse(d: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(D⁻¹ (b, b), diag(L) (b,))`` of a pivot block D = L Lᵀ by Cholesky; NaN when D is
-    not positive definite. diag(L) is that of the Cholesky factor of the whole matrix
-    (D is a Schur complement), for the same condition estimate as :func:`inverse_gram`."""
+    """``(D⁻¹ (b, b), diag(L) (b,))`` of a positive definite pivot block D = L Lᵀ.
+
+    Scalar Gauss-Jordan sweeps (b steps of rank-1 updates: plain vector code, where
+    ``jnp.linalg.cholesky`` inside ``shard_map`` and ``fori_loop`` becomes a slow
+    expansion on some backends). The i-th pivot of the sweep is a Schur complement, L_ii²,
+    so diag(L) comes for free: that of the Cholesky factor of the whole matrix, for the
+    same condition estimate as :func:`inverse_gram`. A D that is not positive definite has
+    a pivot ≤ 0, so a NaN or 0 in diag(L).
+    """
     d = (d + d.T) / 2
-    chol = jnp.linalg.cholesky(d)
-    eye = jnp.eye(d.shape[0], dtype=d.dtype)
-    inv = jax.scipy.linalg.cho_solve((chol, True), eye)
-    return (inv + inv.T) / 2, jnp.diagonal(chol)
+
+    def step(i, carry):
+        m, pivots = carry
+        p = m[i, i]
+        col, row = m[:, i], m[i, :]
+        m = m - jnp.outer(col, row) / p
+        m = m.at[:, i].set(-col / p).at[i, :].set(row / p).at[i, i].set(1 / p)
+        return m, pivots.at[i].set(p)
+
+    inv, pivots = jax.lax.fori_loop(0, d.shape[0], step, (d, jnp.zeros(d.shape[:1], d.dtype)))
+    return (inv + inv.T) / 2, jnp.sqrt(pivots)
 
 
 def sweep_rows(local: jax.Array, pivot_rows: jax.Array, pivot_inv: jax.Array, start,

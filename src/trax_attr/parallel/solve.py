@@ -10,8 +10,9 @@ several processes every device of every process, process by process) holds K / D
   the chunk's ΦᵀΦ (:func:`~trax_attr.engine.linalg.gram_rows`) to its block, in place.
 * :func:`regularize`, :func:`diagonal`: λ on the diagonal, and the diagonal for "auto".
 * :func:`invert`: block Gauss-Jordan elimination in place. Per pivot block of b rows,
-  its owner's rows are broadcast (one ``psum`` of ``(b, K)``), every device factorises
-  the ``(b, b)`` pivot by Cholesky and updates its own rows
+  its owner's rows are broadcast (one ``psum`` of ``(b, K)``), every device inverts the
+  ``(b, b)`` pivot (:func:`~trax_attr.engine.linalg.pivot_inverse`, scalar sweeps) and
+  updates its own rows
   (:func:`~trax_attr.engine.linalg.sweep_rows`): 2 K³ / D flops per device, memory K²/D
   plus ``(b, K)`` panels.
 * :func:`fetch`, :func:`from_rows`: the real ``(k, k)`` to / from host rows.
