@@ -182,6 +182,16 @@ def _fit(rows: list[dict]) -> tuple[float, float]:
     return a, b
 
 
+def _rows_of(path: Path) -> list[dict]:
+    """The rows of an earlier run: its JSON, or the RESULT lines a ``--point`` printed."""
+    text = path.read_text()
+    if text.lstrip().startswith("{"):
+        return json.loads(text)["rows"]
+    rows = [dict(json.loads(line[len("RESULT "):]), source="this checkout")
+            for line in text.splitlines() if line.startswith("RESULT ")]
+    return rows
+
+
 def _table(rows: list[dict]) -> str:
     lines = [f"{'k':>6} {'solve':>8} {'features RSS':>13} {'scores RSS':>11} "
              f"{'device/device':>14} {'features s':>11} {'vs host':>8}"]
@@ -221,7 +231,8 @@ def main():
     parser.add_argument("--measure-up-to", type=int, default=None,
                         help="run points with k up to this; extrapolate the larger ones")
     parser.add_argument("--merge", nargs="+", default=[],
-                        help="JSON files of earlier runs whose measured rows are kept")
+                        help="earlier runs whose measured rows are kept: their JSON, or "
+                             "the output of a --point run")
     parser.add_argument("--point", nargs=2, metavar=("K", "SOLVE"), help=argparse.SUPPRESS)
     parser.add_argument("--estimate", nargs=2, metavar=("K", "SOLVE"), help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -243,8 +254,7 @@ def main():
 
     host_ks = opts.host_ks or sorted(set(opts.ks) | {11585})
     runs = [(k, "host") for k in host_ks] + [(k, "sharded") for k in opts.ks]
-    rows = [r for path in opts.merge for r in json.loads(Path(path).read_text())["rows"]
-            if not r["extrapolated"]]
+    rows = [r for path in opts.merge for r in _rows_of(Path(path)) if not r["extrapolated"]]
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(DEVICES),
                XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
     for k, solve in runs:
