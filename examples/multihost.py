@@ -1,4 +1,4 @@
-"""TRAK over several processes sharing one store: each featurizes its own rows.
+"""TRAK over several processes sharing one store: each featurizes and scores its own rows.
 
 One machine, two CPU processes (gloo collectives)::
 
@@ -6,7 +6,9 @@ One machine, two CPU processes (gloo collectives)::
 
 A cluster: run this script once per host with the cluster's launcher (srun, ...) and a
 save_dir on a shared file system; trax_attr.parallel.launch.initialize() then reads the cluster's
-environment. The same script with one process gives the same scores.
+environment. The same script with one process gives the same scores. ``--solve sharded``
+splits XᵀX and its inverse by rows over every process's devices (the path for large
+proj_dim; float32), ``--solve host`` factorises it in float64 on each host.
 """
 
 import argparse
@@ -42,6 +44,7 @@ def main():
     parser.add_argument("--n-train", type=int, default=1200)
     parser.add_argument("--n-targets", type=int, default=20)
     parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--solve", default="auto", choices=("auto", "host", "sharded"))
     opts = parser.parse_args()
 
     from trax_attr.parallel import launch
@@ -69,19 +72,20 @@ def main():
         for start in range(mine.start, mine.stop, 100):
             inds = np.arange(start, min(start + 100, mine.stop))
             traker.featurize(batch=(train[0][inds], train[1][inds]), inds=inds)
-    traker.finalize_features()  # every process; XᵀX is summed over processes
+    traker.finalize_features(solve=opts.solve)  # every process; XᵀX over all of them
 
-    if jax.process_index() == 0:  # targets are few: one process scores them
+    if jax.process_index() == 0:  # targets are few: one process featurizes them
         for model_id, params in enumerate(checkpoints):
             traker.start_scoring_checkpoint(exp_name="test", checkpoint=params,
                                             model_id=model_id, num_targets=m)
             traker.score(batch=target, num_samples=m)
-        scores = traker.finalize_scores(exp_name="test")
-        top = traker.finalize_scores(exp_name="test", top_k=opts.top_k)
-        print(f"process 0 of {jax.process_count()}: scores {scores.shape}, "
-              f"best proponent of target 0: row {top.proponents[0, 0]}")
-        if opts.out:
-            np.savez(opts.out, scores=scores, **top._asdict())
+    # every process: each scores its own training rows; all get every score
+    scores = traker.finalize_scores(exp_name="test")
+    top = traker.finalize_scores(exp_name="test", top_k=opts.top_k)
+    print(f"process {jax.process_index()} of {jax.process_count()}: scores {scores.shape}, "
+          f"best proponent of target 0: row {top.proponents[0, 0]}")
+    if opts.out and jax.process_index() == 0:
+        np.savez(opts.out, scores=scores, **top._asdict())
 
 
 if __name__ == "__main__":

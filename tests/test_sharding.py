@@ -56,13 +56,60 @@ def test_eight_devices_match_one_device(eight_devices, mesh):
     _close(r[f"{mesh}_opponent_scores"], r["one_opponent_scores"], 1e-5)
 
 
-@pytest.mark.parametrize("mesh", ["one", "eight", "grid", "proj", "projgen"])
+@pytest.mark.parametrize("mesh", ["one", "eight", "grid", "proj", "projgen", "sharded"])
 def test_functional_core_equals_traker_on_every_mesh(eight_devices, mesh):
     """An ensemble of 2 on 1 and 8 devices: trak_scores on the stored rows (same mesh,
     same chunks) gives the TRAKer's scores to 1e-6 of their scale."""
     r = eight_devices
     scores, functional = r[f"{mesh}_scores"], r[f"{mesh}_functional"]
     assert np.abs(functional - scores).max() <= 1e-6 * np.abs(scores).max()
+
+
+def test_sharded_solve_scores_match_the_host_solve(eight_devices):
+    """XᵀX and its inverse split by rows over 8 devices (float32 Gauss-Jordan) against the
+    float64 host inverse on one device: scores to 1e-4 of their scale, same top-k rows."""
+    r = eight_devices
+    _close(r["sharded_scores"], r["one_scores"], 1e-4)
+    np.testing.assert_array_equal(r["sharded_proponents"], r["one_proponents"])
+    np.testing.assert_array_equal(r["sharded_opponents"], r["one_opponents"])
+    expected = _closed_form(r["sharded_grads"], r["sharded_q"], r["sharded_targets"], 0.05)
+    _close(r["sharded_scores"], expected, 1e-4)
+
+
+def test_sharded_xtx_equals_single_device_xtx(eight_devices):
+    r = eight_devices
+    assert tuple(r["solve_layout"]) == (100, 104, 13)  # padded with identity rows
+    scale = np.abs(r["solve_gram64"]).max()
+    # float32 sums in another order than one device's: a few ulps of the largest entry
+    assert np.abs(r["solve_gram_sharded"] - r["solve_gram_one"]).max() <= 1e-6 * scale
+    assert np.abs(r["solve_gram_sharded"] - r["solve_gram64"]).max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("name", ["auto", "small"])
+def test_sharded_inverse_equals_the_float64_host_inverse(eight_devices, name):
+    """float32 on the mesh: max |A − A64| ≤ 1e-5 · max |A64| here (λ auto: cond ≈ 10;
+    λ = 1e-3 · mean diagonal: cond ≈ 1e3; measured 4e-7 and 3e-6), λ equal to 1e-6."""
+    r = eight_devices
+    a, a64 = r[f"solve_inverse_{name}"], r[f"solve_inverse64_{name}"]
+    assert np.abs(a - a64).max() <= 1e-5 * np.abs(a64).max()
+    np.testing.assert_allclose(r[f"solve_lambda_{name}"], r[f"solve_lambda64_{name}"], rtol=1e-6)
+    rescaled, rescaled64 = r["solve_rescaled"], r["solve_rescaled64"]
+    assert np.abs(rescaled - rescaled64).max() <= 1e-5 * np.abs(rescaled64).max()
+
+
+def test_sharded_solve_refuses_a_singular_matrix_and_warns_when_ill_conditioned(eight_devices):
+    r = eight_devices
+    message = str(r["solve_singular"])
+    assert "singular" in message and "lambda_reg > 0" in message, message
+    assert "ill-conditioned" in str(r["solve_ill_warned"][0])
+
+
+def test_sharded_finalize_at_another_lambda_solves_the_stored_xtx(eight_devices):
+    from trax_attr.engine import inverse_gram
+
+    r = eight_devices
+    a64 = inverse_gram(r["sharded_xtx"].astype(np.float64), 0.1)
+    assert np.abs(r["sharded_relambda"] - a64).max() <= 1e-5 * np.abs(a64).max()
 
 
 def test_sharded_scores_match_float64_closed_form(eight_devices):
@@ -82,20 +129,45 @@ def test_top_k_matches_sorting_the_dense_scores(eight_devices):
     np.testing.assert_array_equal(r["eight_opponents"], low)
 
 
-def test_two_processes_match_one_process(tmp_path):
+@pytest.fixture(scope="module")
+def process_runs(tmp_path_factory):
+    """examples/multihost.py as 2 processes and as 1 (host solve), and as 2 processes of 2
+    devices each with XᵀX and its inverse sharded over all 4 (sharded solve). In every
+    run each process scores its own training rows."""
+    root = tmp_path_factory.mktemp("processes")
     results = {}
-    for count in (2, 1):
-        out = tmp_path / f"p{count}.npz"
-        subprocess.run([sys.executable, "-m", "trax_attr.parallel.launch", "--num-processes", str(count),
-                        "--timeout", "240", str(ROOT / "examples" / "multihost.py"),
-                        "--save-dir", str(tmp_path / f"store{count}"), "--out", str(out)],
+    for name, count, devices, solve in [("two", 2, 1, "host"), ("one", 1, 1, "host"),
+                                        ("two_sharded", 2, 2, "sharded")]:
+        out = root / f"{name}.npz"
+        subprocess.run([sys.executable, "-m", "trax_attr.parallel.launch", "--num-processes",
+                        str(count), "--devices-per-process", str(devices), "--timeout", "240",
+                        str(ROOT / "examples" / "multihost.py"), "--save-dir",
+                        str(root / name), "--out", str(out), "--solve", solve],
                        env=_env(), check=True, timeout=300, cwd=ROOT)
-        results[count] = dict(np.load(out))
-    two, one = results[2], results[1]
-    _close(two["scores"], one["scores"], 1e-5)
+        results[name] = dict(np.load(out))
+    return results
+
+
+@pytest.mark.parametrize("name, rtol", [("two", 1e-5), ("two_sharded", 1e-4)])
+def test_two_processes_match_one_process(process_runs, name, rtol):
+    """Scores of row ranges gathered over processes, top-k merged over processes: those of
+    one process (host solve: 1e-5; sharded float32 solve over 4 devices: 1e-4)."""
+    two, one = process_runs[name], process_runs["one"]
+    _close(two["scores"], one["scores"], rtol)
     np.testing.assert_array_equal(two["proponents"], one["proponents"])
     np.testing.assert_array_equal(two["opponents"], one["opponents"])
-    _close(two["proponent_scores"], one["proponent_scores"], 1e-5)
+    _close(two["proponent_scores"], one["proponent_scores"], rtol)
+    _close(two["opponent_scores"], one["opponent_scores"], rtol)
+
+
+@pytest.mark.parametrize("name", ["two", "two_sharded"])
+def test_top_k_merged_over_processes_is_sorting_the_dense_scores(process_runs, name):
+    r = process_runs[name]
+    scores = r["scores"].astype(np.float64)
+    k = r["proponents"].shape[1]
+    np.testing.assert_array_equal(r["proponents"], np.argsort(-scores, axis=0, kind="stable")[:k].T)
+    np.testing.assert_array_equal(r["opponents"], np.argsort(scores, axis=0, kind="stable")[:k].T)
+    np.testing.assert_allclose(r["opponent_scores"], np.sort(scores, axis=0)[:k].T, rtol=1e-6)
 
 
 def test_stream_scores_top_k_against_numpy():

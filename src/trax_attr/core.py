@@ -15,10 +15,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from . import parallel, pipeline
 from .engine import Featurizer, features, host_features, prepare, row_weights
-from .engine.linalg import AUTO, check_lambda, inverse, inverse_gram, resolve_lambda
+from .engine.linalg import AUTO, check_lambda, choose_solve, inverse, inverse_gram, resolve_lambda
+from .parallel import solve as sharded
 from .gradients import GradWrt, select
 from .models import as_model
 from .projection import identity
@@ -102,6 +105,23 @@ def _gram(x: jax.Array, chunk: int, mesh) -> jax.Array:
                              jnp.zeros((k, k), jnp.float32))
 
 
+def _inverse_sharded(x, n, chunk, lambda_reg, rescale, mesh, dtype):
+    """The sharded solve of the store path (:mod:`trax_attr.parallel.solve`) on the same
+    chunks: ``A (k, k)``, gathered (this is the in-memory path)."""
+    k = x.shape[1]
+    smesh = sharded.solve_mesh(mesh)
+    lay = sharded.layout(k, smesh.size)
+    blocks = _chunks(x, chunk, parallel.round_up(chunk, smesh.size))
+    acc = jax.lax.fori_loop(0, blocks.shape[0],
+                            lambda i, acc: sharded.accumulate(acc, blocks[i], smesh, lay),
+                            sharded.zeros(smesh, lay, np.dtype(dtype)))
+    a, _ = sharded.inverse_in_jit(acc, n, lambda_reg, smesh, lay,
+                                  traker_inverse_rescale=rescale)
+    # whole on every device, as the store path folds it: T's rows then come from the same
+    # products (a fold split by rows would sum each row in another order)
+    return jax.lax.with_sharding_constraint(a[:k, :k], NamedSharding(smesh, P()))
+
+
 def _inverse_f64(x, n, chunk, lambda_reg, rescale):
     """XᵀX accumulated in float64 on the host (as the store path does) and its inverse."""
     def host(rows):
@@ -119,7 +139,7 @@ def _inverse_f64(x, n, chunk, lambda_reg, rescale):
 
 def trak_scores(train_features: jax.Array, out_to_loss: jax.Array, target_features: jax.Array,
                 lambda_reg=AUTO, *, xtx_dtype=jnp.float32, traker_inverse_rescale: bool = False,
-                chunk_rows: int | None = None, mesh=None) -> jax.Array:
+                chunk_rows: int | None = None, mesh=None, solve: str = "auto") -> jax.Array:
     """TRAK scores of an ensemble, all in memory; pure and jittable.
 
     Args:
@@ -132,6 +152,7 @@ def trak_scores(train_features: jax.Array, out_to_loss: jax.Array, target_featur
       traker_inverse_rescale: divide each A_m by mean|A_m| as traker 0.3.2 does.
       chunk_rows: rows per chunk, as ``TRAKer(chunk_rows=...)`` (None: the same default).
       mesh: the mesh of the kernels (None: all local devices, as the TRAKer's default).
+      solve: ``"host"``, ``"sharded"`` or ``"auto"``, as ``TRAKer.finalize_features``.
 
     Returns:
       ``(n, m)`` f32 scores τ.
@@ -143,9 +164,13 @@ def trak_scores(train_features: jax.Array, out_to_loss: jax.Array, target_featur
     count, n, k = train.shape
     m = targets.shape[1]
     gram_chunk = pipeline.chunk_rows(k, 1, chunk_rows)
+    solve = choose_solve(solve, k, xtx_dtype)
     inverses = []
     for i in range(count):
-        if np.dtype(xtx_dtype) == np.float64:
+        if solve == "sharded":
+            a = _inverse_sharded(train[i], n, gram_chunk, lambda_reg, traker_inverse_rescale,
+                                 mesh, xtx_dtype)
+        elif np.dtype(xtx_dtype) == np.float64:
             a, _ = _inverse_f64(train[i], n, gram_chunk, lambda_reg, traker_inverse_rescale)
         else:
             a, _ = inverse(_gram(train[i], gram_chunk, mesh), n, lambda_reg,

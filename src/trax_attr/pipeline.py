@@ -2,13 +2,20 @@
 
     finalize_features  for each checkpoint: G = Σ_chunks Φ[c]ᵀΦ[c] over this process's
                        rows, summed over processes; λ; A = (G + λI)⁻¹ (float64, host).
+                       For large k (``solve``, :func:`~trax_attr.engine.choose_solve`)
+                       G and A are sharded by rows over every device of every process
+                       instead (:mod:`trax_attr.parallel.solve`, float32).
                        Writes xtx.npy and inverse.npy; Φ itself is never rewritten, so
                        another λ later costs one factorisation, not a pass over Φ.
-    finalize_scores    T_m = A_m φ_mᵀ once per checkpoint, then for each chunk of rows
-                       τ[c] = Σ_m Φ_m[c] T_m · mean_m Q_m[c] / M (or a streamed top-k).
+    finalize_scores    T_m = A_m φ_mᵀ once per checkpoint (A read by blocks of rows, each
+                       process its share), then for each chunk of this process's rows
+                       τ[c] = Σ_m Φ_m[c] T_m · mean_m Q_m[c] / M (or a streamed top-k);
+                       the processes' rows are gathered (top-k: merged).
 
-Memory is bounded by the chunk (``chunk_rows`` rows of every checkpoint), not by n. Every
-chunk has the same padded shape, so each kernel compiles once. The rows of Φ and Q are
+Memory is bounded by the chunk (``chunk_rows`` rows of every checkpoint), not by n; k x k
+is held whole on the host only by the host solve (and by process 0 while it writes the
+finished xtx.npy and inverse.npy). Every chunk has the same padded shape, so each kernel
+compiles once. The rows of Φ and Q are
 hashed as they are read: finalize_features records their checksums, finalize_scores
 checks them, and neither reads an array twice.
 """
@@ -25,13 +32,17 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import parallel
-from .engine import TopK, inverse_gram, merge_topk, resolve_lambda, row_weights
+from .engine import TopK, fold_targets, inverse_gram, merge_topk, resolve_lambda, row_weights
+from .engine.linalg import choose_solve
+from .engine.scores import select_top
+from .parallel import solve as sharded
 from .store import Store
-from .store.files import RowStream, read_rows
+from .store.files import RowStream, read_rows, verify_file
 from .store.locks import job_lock
 
-__all__ = ["chunk_rows", "stream_gram", "stream_scores", "finalize_features",
-           "finalize_scores", "lambda_record", "missing_rows"]
+__all__ = ["chunk_rows", "stream_gram", "stream_gram_sharded", "stream_fold", "stream_scores",
+           "merge_process_topk", "finalize_features", "finalize_scores", "scores_lock",
+           "lambda_record", "missing_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +81,46 @@ def stream_gram(read: Callable[[int, int], np.ndarray], rows: range, k: int, chu
     return gram
 
 
+def stream_gram_sharded(read: Callable[[int, int], np.ndarray], rows: range, steps: int,
+                        chunk: int, mesh: Mesh, lay: sharded.Layout, dtype=np.float32
+                        ) -> jax.Array:
+    """XᵀX ``(K, K)`` rows-sharded over ``mesh`` (a :func:`~trax_attr.parallel.solve.
+    solve_mesh`), of every process's ``rows`` given by ``read(start, stop) (c, k)``.
+
+    Every process calls this with its own rows and the same ``steps`` (chunks of ``chunk``
+    rows; a process out of rows brings zero rows), since each step is a collective.
+    """
+    local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    shape = parallel.round_up(chunk, local)
+    acc = sharded.zeros(mesh, lay, np.dtype(dtype))
+    for step in range(steps):
+        start = rows.start + step * chunk
+        stop = min(start + chunk, rows.stop)
+        block = read(start, stop) if start < stop else np.zeros((0, lay.k), np.float32)
+        block = parallel.pad_rows(np.asarray(block, dtype), shape)
+        acc = sharded.accumulate(acc, sharded.rows_array(block, mesh), mesh, lay)
+    return acc
+
+
+def stream_fold(read_inverse: Callable[[int, int], np.ndarray], targets: np.ndarray,
+                rows: range, block: int) -> np.ndarray:
+    """T[rows] = A[rows] φᵀ ``(len(rows), m) f32`` with A read ``block`` rows at a time by
+    ``read_inverse(start, stop) (r, k)``, ``targets (m, k) f32``: A is never whole in
+    memory (:func:`~trax_attr.engine.fold_targets` per block)."""
+    out = np.zeros((len(rows), targets.shape[0]), np.float32)
+    targets = jax.device_put(np.asarray(targets, np.float32))
+    block = max(1, min(block, len(rows)))
+    for start in range(rows.start, rows.stop, block):
+        stop = min(start + block, rows.stop)
+        a = parallel.pad_rows(read_inverse(start, stop), block)
+        out[start - rows.start:stop - rows.start] = np.asarray(
+            _fold_block(a, targets))[: stop - start]
+    return out
+
+
+_fold_block = jax.jit(fold_targets)
+
+
 def _pad(x: np.ndarray, axis: int, size: int) -> np.ndarray:
     """``x`` padded with zeros along ``axis`` to ``size`` entries."""
     pad = [(0, 0)] * x.ndim
@@ -87,8 +138,9 @@ def score_shapes(chunk: int, m: int, mesh: Mesh) -> tuple[int, int]:
 def stream_scores(read_train: Callable[[int, int], np.ndarray],
                   read_weights: Callable[[int, int], np.ndarray], folded: np.ndarray, n: int,
                   chunk: int, mesh: Mesh, *, top_k: int | None = None,
-                  target_chunk: int = 4096):
-    """Scores of all n training rows against ``folded (M, k, m)`` targets, by row chunk.
+                  target_chunk: int = 4096, rows: range | None = None):
+    """Scores of the training rows ``rows`` (all n by default) against ``folded (M, k, m)``
+    targets, by row chunk.
 
     Args:
       read_train: ``(start, stop) -> (M, c, k) f32`` Φ_m rows of every checkpoint.
@@ -96,42 +148,70 @@ def stream_scores(read_train: Callable[[int, int], np.ndarray],
       folded: ``(M, k, m) f32`` T_m = A_m φ_mᵀ.
       n: training rows. chunk: rows read at once. mesh: rows over its first axis, targets
         over its second (if any).
-      top_k: None for the dense ``(n, m) f32`` matrix; else a :class:`TopK` of width
-        ``top_k``, with memory bounded by ``chunk × target_chunk``, not by n.
+      top_k: None for the dense ``(len(rows), m) f32`` matrix; else a :class:`TopK` of
+        width min(top_k, len(rows)), row numbers in ``range(n)``, with memory bounded by
+        ``chunk × target_chunk``, not by n.
       target_chunk: targets scored at once in top-k mode.
+      rows: the rows to score, e.g. this process's :func:`~trax_attr.parallel.process_rows`.
     """
+    rows = range(n) if rows is None else rows
     m = folded.shape[2]
     if top_k is None:
-        rows, cols = score_shapes(chunk, m, mesh)
+        shape, cols = score_shapes(chunk, m, mesh)
         targets = parallel.pad_axis(np.asarray(folded, np.float32), 2, cols)
-        scores = np.zeros((n, m), np.float32)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            block = parallel.scores(_pad(read_train(start, stop), 1, rows),
-                                    targets, parallel.pad_rows(read_weights(start, stop), rows),
+        scores = np.zeros((len(rows), m), np.float32)
+        for start in range(rows.start, rows.stop, chunk):
+            stop = min(start + chunk, rows.stop)
+            block = parallel.scores(_pad(read_train(start, stop), 1, shape),
+                                    targets, parallel.pad_rows(read_weights(start, stop), shape),
                                     mesh)
-            scores[start:stop] = np.asarray(block)[: stop - start, :m]
+            scores[start - rows.start:stop - rows.start] = np.asarray(block)[: stop - start, :m]
         return scores
     blocks = list(range(0, m, target_chunk))
     states = [None] * len(blocks)
-    rows, cols = score_shapes(chunk, min(m, target_chunk), mesh)
+    shape, cols = score_shapes(chunk, min(m, target_chunk), mesh)
     parts = [parallel.pad_axis(np.asarray(folded[:, :, t0:t0 + target_chunk], np.float32),
                                2, cols) for t0 in blocks]
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)
-        train = _pad(read_train(start, stop), 1, rows)
-        weights = parallel.pad_rows(read_weights(start, stop), rows)
+    for start in range(rows.start, rows.stop, chunk):
+        stop = min(start + chunk, rows.stop)
+        train = _pad(read_train(start, stop), 1, shape)
+        weights = parallel.pad_rows(read_weights(start, stop), shape)
         for j, (t0, part) in enumerate(zip(blocks, parts)):
-            block = parallel.topk(train, part, weights, np.int32(start), np.int32(n), mesh,
-                                  int(top_k))
+            block = parallel.topk(train, part, weights, np.int32(start), np.int32(rows.stop),
+                                  mesh, int(top_k))
             width = min(target_chunk, m - t0)
             block = tuple(a[:width] for a in block)
             states[j] = block if states[j] is None else merge_topk(states[j], block, int(top_k))
         # Without this the loop only enqueues work (async dispatch) and every chunk read
         # stays alive until its turn: memory would grow with n_train, not the chunk.
         jax.block_until_ready(states)
+    if not len(rows):
+        empty = np.zeros((m, 0), np.float32)
+        return TopK(empty.astype(np.int64), empty, empty.astype(np.int64), empty)
     hi, hi_rows, lo, lo_rows = (np.concatenate([np.asarray(s[i]) for s in states])
                                 for i in range(4))
+    return TopK(hi_rows.astype(np.int64), hi.astype(np.float32),
+                lo_rows.astype(np.int64), (-lo).astype(np.float32))
+
+
+def merge_process_topk(top: TopK, k: int) -> TopK:
+    """The best ``k`` of every process's :class:`TopK` (each over its own rows), on every
+    process; ``top`` itself with one process."""
+    if jax.process_count() == 1:
+        return top
+    m, width = top.proponents.shape
+
+    def padded(values, fill):
+        out = np.full((m, k), fill, values.dtype)
+        out[:, :width] = values
+        return out
+
+    state = [padded(top.proponent_scores, -np.inf), padded(top.proponents, -1),
+             padded(-top.opponent_scores, -np.inf), padded(top.opponents, -1)]
+    gathered = [parallel.process_allgather(a) for a in state]           # (P, m, k) each
+    merged = [np.concatenate(list(g), axis=1) for g in gathered]        # (m, P k)
+    hi, hi_rows = (np.asarray(a) for a in select_top(merged[0], merged[1], k))
+    lo, lo_rows = (np.asarray(a) for a in select_top(merged[2], merged[3], k))
     return TopK(hi_rows.astype(np.int64), hi.astype(np.float32),
                 lo_rows.astype(np.int64), (-lo).astype(np.float32))
 
@@ -164,10 +244,15 @@ def missing_rows(store: Store, model_id: int, n: int) -> tuple[list[int], int]:
 
 
 def finalize_features(store: Store, model_ids, *, n: int, k: int, lambda_reg, rescale: bool,
-                      xtx_dtype, chunk: int, mesh: Mesh) -> None:
+                      xtx_dtype, chunk: int, mesh: Mesh, solve: str = "auto") -> None:
     """Finalize ``model_ids`` (see the module docstring); already finalized checkpoints
     with the same λ request are kept as they are. With several processes every one calls
-    this: each streams its :func:`~trax_attr.parallel.process_rows`, process 0 writes."""
+    this: each streams its :func:`~trax_attr.parallel.process_rows`, process 0 writes.
+
+    ``solve``: ``"host"`` (float64 on the host), ``"sharded"`` (float32 on the mesh of
+    every process's devices), or ``"auto"``: :func:`~trax_attr.engine.choose_solve`.
+    """
+    solve = choose_solve(solve, k, xtx_dtype)
     parallel.barrier()  # every process has written its rows
     for model_id in model_ids:
         meta = store.model_meta(model_id)
@@ -195,17 +280,30 @@ def finalize_features(store: Store, model_ids, *, n: int, k: int, lambda_reg, re
                       ) as go:
             if go:
                 _finalize_one(store, model_id, n=n, k=k, lambda_reg=lambda_reg,
-                              rescale=rescale, xtx_dtype=xtx_dtype, chunk=chunk, mesh=mesh)
-                logger.info("finalized features of model_id=%d (n=%d, k=%d)", model_id, n, k)
+                              rescale=rescale, xtx_dtype=xtx_dtype, chunk=chunk, mesh=mesh,
+                              solve=solve)
+                logger.info("finalized features of model_id=%d (n=%d, k=%d, %s solve)",
+                            model_id, n, k, solve)
             parallel.barrier()  # process 0 keeps the lock until every process is done
 
 
 def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx_dtype,
-                  chunk, mesh) -> None:
+                  chunk, mesh, solve) -> None:
     first = jax.process_index() == 0
     meta = store.model_meta(model_id)
+    dtype = np.dtype(xtx_dtype)
+    if solve == "sharded":
+        smesh = sharded.solve_mesh(mesh)
+        lay = sharded.layout(k, smesh.size)
+    records, gram = {}, None
     if meta["finalized"]:  # another λ: XᵀX is on disk, Φ is not read again
-        gram, records = store.finished(model_id, "xtx", (k, k), np.dtype(xtx_dtype)), {}
+        stored = store.finished(model_id, "xtx", (k, k), dtype)  # verified
+        if solve == "sharded":  # each process reads its devices' rows only
+            path = store.model_dir(model_id) / "xtx.npy"
+            acc = sharded.from_rows(lambda a, b: read_rows(path, a, b), lay, smesh, dtype)
+        else:
+            gram = stored
+        del stored
     else:
         # every process reads the whole done bitmap, so all raise the same error on
         # missing rows (none waits at a barrier for a process that has given up)
@@ -221,17 +319,29 @@ def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx
         grads = RowStream(store.array_path(model_id, "grads")) if one else None
         path = store.array_path(model_id, "grads")
         read = grads.read if one else (lambda a, b: read_rows(path, a, b))
-        gram = parallel.process_sum(stream_gram(read, mine, k, chunk, mesh, xtx_dtype))
-        records = {}
+        if solve == "sharded":
+            most = -(-n // jax.process_count())  # rows of the largest process
+            acc = stream_gram_sharded(read, mine, -(-most // chunk), chunk, smesh, lay, dtype)
+            gram = sharded.fetch(acc, lay, smesh)  # process 0's host, for xtx.npy
+        else:
+            gram = parallel.process_sum(stream_gram(read, mine, k, chunk, mesh, xtx_dtype))
         if first:
             q_path = store.array_path(model_id, "out_to_loss")
             records = {"grads.npy": grads.record() if one else RowStream(path).record(),
                        "out_to_loss.npy": RowStream(q_path).record()}
-    if not first:
-        return
-    value = resolve_lambda(lambda_reg, gram, n)
-    inverse = inverse_gram(gram, value, traker_inverse_rescale=rescale)
-    arrays = {"inverse": inverse.astype(np.float32)}
+    if solve == "sharded":
+        a, value = sharded.inverse(acc, n, lambda_reg, smesh, lay,
+                                   traker_inverse_rescale=rescale)
+        inverse = sharded.fetch(a, lay, smesh)
+        del a, acc
+        if not first:
+            return
+    else:
+        if not first:
+            return
+        value = resolve_lambda(lambda_reg, gram, n)
+        inverse = inverse_gram(gram, value, traker_inverse_rescale=rescale)
+    arrays = {"inverse": inverse.astype(np.float32, copy=False)}
     if not meta["finalized"]:
         arrays["xtx"] = gram
     store.finish_model(model_id, arrays, records,
@@ -239,10 +349,31 @@ def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx
 
 
 # --- finalize_scores ----------------------------------------------------------------------
+def scores_lock(store: Store, exp_name: str):
+    """The exclusive lock of experiment ``exp_name`` for finalize_scores: with several
+    processes process 0 holds it for all of them (:func:`~trax_attr.store.locks.job_lock`),
+    since every process scores its own rows."""
+    def acquire():
+        return store.experiment_lock(exp_name, shared=False, doing="finalize_scores of")
+
+    if jax.process_count() == 1:
+        return acquire()
+    return job_lock(acquire, lambda: True, first=jax.process_index() == 0,
+                    broadcast=parallel.broadcast_int,
+                    busy=f"cannot finalize_scores of experiment {exp_name!r} in "
+                         f"{str(store.root)!r}: process 0 of this job found another process "
+                         "scoring or finalizing it. Wait until that process is done, then call "
+                         "again.",
+                    failed=f"process 0 of this job could not start finalize_scores of "
+                           f"experiment {exp_name!r}; its own error says why and what to do.")
+
+
 def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool, n: int,
                     k: int, chunk: int, mesh: Mesh, top_k: int | None, target_chunk: int):
     """Average the checkpoints' scores of ``exp_name`` and weight them by mean Q; see
-    :meth:`trax_attr.TRAKer.finalize_scores`. Call under the exclusive experiment lock."""
+    :meth:`trax_attr.TRAKer.finalize_scores`. Call under :func:`scores_lock`. With several
+    processes every one calls it, scores its own rows and returns all of them; process 0
+    writes scores.npy."""
     exp = store.experiment_meta(exp_name)
     if exp is None:
         raise ValueError(
@@ -276,11 +407,35 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
             f"the checkpoints of experiment {exp_name!r} were finalized with different λ "
             f"({shown}); one experiment's scores use one λ. Call "
             "finalize_features(lambda_reg=...) once for all of them, then finalize_scores.")
-    targets = np.stack([np.asarray(store.target_arrays(exp_name, i, m, k, mode="r")["grads"])
-                        for i in used])
-    inverses = np.stack([np.asarray(store.finished(i, "inverse", (k, k), np.float32))
-                         for i in used])
-    folded = np.asarray(parallel.fold(inverses, targets))
+    count = jax.process_count()
+    # T_m = A_m φ_mᵀ, A_m read by blocks of rows; with several processes each folds its
+    # share of the k rows and the shares are gathered ((M, k, m) is small next to A).
+    fold_rows = parallel.process_rows(k)
+    parts = []
+    for model_id in used:
+        targets = np.asarray(store.target_arrays(exp_name, model_id, m, k, mode="r")["grads"])
+        store.finished(model_id, "inverse", (k, k), np.float32)  # verified, then read by rows
+        path = store.model_dir(model_id) / "inverse.npy"
+        parts.append(stream_fold(lambda a, b, path=path: read_rows(path, a, b), targets,
+                                 fold_rows, chunk_rows(k)))
+    folded = parallel.process_concat(np.stack(parts, axis=1)).transpose(1, 0, 2)
+    del parts
+    if count == 1:
+        result = _score_streams(store, used, folded, n, chunk, mesh, top_k, target_chunk)
+    else:
+        result = _score_process_rows(store, used, folded, n, chunk, mesh, top_k,
+                                     target_chunk)
+    if jax.process_index() != 0:
+        return result
+    if top_k is None:
+        store.save_scores(exp_name, result, {
+            "model_ids": list(used),
+            "lambda": {str(i): lambdas[i] for i in used}})
+    return result
+
+
+def _score_streams(store, used, folded, n, chunk, mesh, top_k, target_chunk):
+    """One process: every row, each file hashed as it is read and checked at the end."""
     with contextlib.ExitStack() as streams:
         train = [RowStream(store.array_path(i, "grads")) for i in used]
         q = [RowStream(store.array_path(i, "out_to_loss")) for i in used]
@@ -300,9 +455,39 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
             stream.verify(store.record(model_id, name), f"{name}.npy of model_id={model_id}",
                           f"Delete the folder {str(store.model_dir(model_id))!r} and "
                           f"featurize model_id={model_id} again.")
-    if top_k is None:
-        store.save_scores(exp_name, result, {
-            "model_ids": list(used),
-            "lambda": {str(i): lambdas[i] for i in used}})
     return result
+
+
+def _score_process_rows(store, used, folded, n, chunk, mesh, top_k, target_chunk):
+    """Several processes: each scores its :func:`~trax_attr.parallel.process_rows`; the
+    dense rows are gathered on every process, the top-k states merged. Process 0 checks
+    every file against its record first (a hash cannot be split over readers) and every
+    process raises its verdict, so none waits at a gather for one that gave up."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            for model_id in used:
+                for name in ("grads", "out_to_loss"):
+                    verify_file(store.array_path(model_id, name), store.record(model_id, name),
+                                f"{name}.npy of model_id={model_id}",
+                                f"Delete the folder {str(store.model_dir(model_id))!r} and "
+                                f"featurize model_id={model_id} again.")
+        except ValueError as err:
+            error = err
+    if parallel.broadcast_int(int(error is not None)):
+        raise error or ValueError("process 0 of this job found a stored training array that "
+                                  "does not match its record; its error says which.")
+    paths = [(store.array_path(i, "grads"), store.array_path(i, "out_to_loss")) for i in used]
+
+    def read_train(start, stop):
+        return np.stack([read_rows(g, start, stop) for g, _ in paths])
+
+    def read_weights(start, stop):
+        return np.asarray(row_weights(np.stack([read_rows(q, start, stop) for _, q in paths])))
+
+    mine = stream_scores(read_train, read_weights, folded, n, chunk, mesh, top_k=top_k,
+                         target_chunk=target_chunk, rows=parallel.process_rows(n))
+    if top_k is None:
+        return parallel.process_concat(mine)
+    return merge_process_topk(mine, int(top_k))
 

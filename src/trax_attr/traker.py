@@ -271,7 +271,7 @@ class TRAKer:
 
     # --- finalize features ---------------------------------------------------------------
     def finalize_features(self, model_ids: Sequence[int] | None = None, *,
-                          lambda_reg=None) -> None:
+                          lambda_reg=None, solve: str = "auto") -> None:
         """Factorise XᵀX + λI for each featurized checkpoint.
 
         Args:
@@ -280,6 +280,11 @@ class TRAKer:
             TRAKer's ``lambda_reg``. Finalized checkpoints with the same λ are kept as
             they are; another λ costs one factorisation of the stored XᵀX, not a pass
             over the features, and each checkpoint records the λ it holds.
+          solve: ``"host"`` (float64 Cholesky on the host, k x k float64 in host memory),
+            ``"sharded"`` (XᵀX and its inverse split by rows over every device of every
+            process, float32 unless jax_enable_x64; for large proj_dim, see
+            docs/scaling.md) or ``"auto"``: host while it needs at most 8 GiB
+            (:func:`trax_attr.engine.choose_solve`; k ≤ 14,654).
 
         The store is streamed in ``chunk_rows`` chunks. With several processes every one of
         them calls this: each sums XᵀX over its :func:`~trax_attr.parallel.process_rows`,
@@ -294,7 +299,7 @@ class TRAKer:
         pipeline.finalize_features(
             self.store, ids, n=self.train_set_size, k=k, lambda_reg=lambda_reg,
             rescale=self.traker_inverse_rescale, xtx_dtype=np.dtype(self.settings.xtx_dtype),
-            chunk=pipeline.chunk_rows(k, 1, self.chunk_rows), mesh=self.mesh)
+            chunk=pipeline.chunk_rows(k, 1, self.chunk_rows), mesh=self.mesh, solve=solve)
 
     def lambdas(self) -> dict[int, dict]:
         """The λ each finalized checkpoint holds: ``{model_id: {"lambda_reg": request,
@@ -378,6 +383,8 @@ class TRAKer:
           ``(train_set_size, num_targets)`` float32 scores, also saved as
           ``experiments/<exp_name>/scores.npy``; with ``top_k``, a
           :class:`~trax_attr.TopK` of ``(num_targets, top_k)`` arrays (not saved).
+          With several processes every one calls this and scores its own rows; all get
+          the whole result, process 0 saves it.
         """
         if top_k is not None:
             top_k = check_int("top_k", top_k, low=1, high=self.train_set_size,
@@ -386,7 +393,7 @@ class TRAKer:
         ids = None if model_ids is None else check_model_ids(model_ids, ())
         k = self.proj_dim
         count = len(ids) if ids is not None else max(1, len(self.store.model_ids()))
-        with self.store.experiment_lock(exp_name, shared=False, doing="finalize_scores of"):
+        with pipeline.scores_lock(self.store, exp_name):
             return pipeline.finalize_scores(
                 self.store, exp_name, ids, allow_skip=bool(allow_skip), n=self.train_set_size,
                 k=k, chunk=pipeline.chunk_rows(k, count, self.chunk_rows), mesh=self.mesh,

@@ -3,7 +3,8 @@
 Several hosts share one store: each featurizes its own rows (:func:`process_rows`), then
 ``finalize_features`` sums the per-process XᵀX with :func:`process_sum`, an exact
 all-gather of the bytes summed in process order, so every process holds the bit-identical
-matrix.
+matrix (or, for large k, accumulates it sharded: :mod:`.solve`). ``finalize_scores``
+splits the training rows the same way and gathers the scores (:func:`process_concat`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["process_rows", "process_sum", "barrier", "broadcast_int"]
+__all__ = ["process_rows", "process_sum", "process_allgather", "process_concat", "barrier",
+           "broadcast_int"]
 
 
 def process_rows(n: int, process_index: int | None = None,
@@ -24,33 +26,57 @@ def process_rows(n: int, process_index: int | None = None,
     return range(n * index // count, n * (index + 1) // count)
 
 
+def process_allgather(x: np.ndarray) -> np.ndarray:
+    """``(processes, *x.shape)``: every process's ``x`` (same shape and dtype on all), in
+    process order, on every process; ``x[None]`` with one process.
+
+    The raw bytes travel (as uint8), so nothing is rounded on the way: float64 stays
+    float64 although device arrays are float32 by default. One device per process takes
+    part, so the gathered copy exists once per host, not once per device.
+    """
+    x = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    firsts = {}
+    for d in jax.devices():
+        firsts.setdefault(d.process_index, d)
+    mesh = Mesh(np.array([firsts[p] for p in sorted(firsts)]), ("hosts",))
+    raw = x.reshape(-1).view(np.uint8)[None]
+    shape = (len(firsts), raw.shape[1])
+    array = jax.make_array_from_process_local_data(NamedSharding(mesh, P("hosts")), raw, shape)
+    gathered = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))(array)
+    everything = np.asarray(gathered.addressable_shards[0].data)
+    return everything.view(x.dtype).reshape((len(firsts),) + x.shape)
+
+
+def process_concat(x: np.ndarray) -> np.ndarray:
+    """Every process's ``x (r_p, ...)`` concatenated along axis 0 in process order, on
+    every process (r_p may differ; the other axes and the dtype may not)."""
+    x = np.ascontiguousarray(x)
+    if jax.process_count() == 1:
+        return x
+    sizes = process_allgather(np.array([x.shape[0]], np.int64))[:, 0]
+    padded = np.zeros((int(sizes.max()),) + x.shape[1:], x.dtype)
+    padded[:x.shape[0]] = x
+    gathered = process_allgather(padded)
+    return np.concatenate([gathered[p, :size] for p, size in enumerate(sizes)])
+
+
 def process_sum(x: np.ndarray) -> np.ndarray:
     """Σ over processes of a host array, identical on every process; ``x`` itself with one.
 
-    The raw bytes are all-gathered over a mesh of every device of every process (uint32,
-    so nothing is rounded on the way) and summed on the host in process order, in ``x``'s
-    own dtype: float64 XᵀX stays float64 although device arrays are float32 by default.
+    The arrays are gathered exactly (:func:`process_allgather`) and summed on the host in
+    process order, in ``x``'s own dtype.
     """
     x = np.ascontiguousarray(x)
     if jax.process_count() == 1:
         return x
-    raw = x.view(np.uint32) if x.dtype.itemsize % 4 == 0 else None
-    if raw is None:
+    if x.dtype.itemsize % 4:
         raise TypeError(f"process_sum needs a 4- or 8-byte dtype, got {x.dtype}.")
-    devices = jax.devices()
-    mesh = Mesh(np.array(devices), ("hosts",))
-    local_count = jax.local_device_count()
-    local = np.zeros((local_count,) + raw.shape, np.uint32)
-    local[0] = raw
-    shape = (len(devices),) + raw.shape
-    array = jax.make_array_from_process_local_data(NamedSharding(mesh, P("hosts")), local, shape)
-    gathered = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))(array)
-    everything = np.asarray(gathered.addressable_shards[0].data)
-    owners = [d.process_index for d in devices]
+    everything = process_allgather(x)
     total = np.zeros_like(x)
-    for process in range(jax.process_count()):
-        slot = owners.index(process)
-        total += everything[slot].view(x.dtype).reshape(x.shape)
+    for process in range(everything.shape[0]):
+        total += everything[process]
     return total
 
 
