@@ -136,6 +136,27 @@ def test_bert_matches_traker_without_projection(bert, text_data, tmp_path):
     zoo.assert_traker_parity(got, want, "BERT, backend=torch")
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_mask_goes_in_four_d_and_vmaps(name, request):
+    """Once checked on a real batch, a 2-D mask reaches the model as HF's 4-D mask (padding
+    for BERT, causal and padding for GPT-2): torch.func.vmap maps the call, and the logits
+    are those of HF's own 2-D-mask call."""
+    from trax_attr.interop.conventions import huggingface_call
+
+    model = request.getfixturevalue(name)
+    ids, mask, types, _ = (torch.from_numpy(a).long() for a in zoo.text(5, 4, vocab=48))
+    inputs = (ids, mask) if name == "gpt2" else (ids, mask, types)
+    checked = {}
+    with torch.no_grad():
+        huggingface_call(model, inputs, checked)
+        assert checked == {"ok": True}
+        got = torch.func.vmap(lambda *one: huggingface_call(
+            model, tuple(a[None] for a in one), checked)[0])(*inputs)
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        want = model(**dict(zip(names, inputs))).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
+
+
 # --- GPT-2: causal LM -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
