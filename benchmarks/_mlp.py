@@ -39,26 +39,32 @@ def shuffled_digits() -> tuple[np.ndarray, np.ndarray]:
     return x[perm], y[perm]
 
 
-def train(x, y, seed: int, steps: int = 300) -> dict:
-    """MLP() trained full-batch with adam(3e-3) from key(seed): ``{"params": ...}``."""
+def _adam():
     import optax
 
-    module = MLP()
-    params = module.init(jax.random.key(seed), x[:1])["params"]
-    opt = optax.adam(3e-3)
+    return optax.adam(3e-3)
+
+
+@jax.jit
+def _step(params, state, x, y):
+    """One full-batch adam(3e-3) step of MLP(); module-level, so every call of :func:`train`
+    with the same shapes reuses one compiled program."""
+    import optax
 
     def loss(p):
-        logits = module.apply({"params": p}, x)
+        logits = MLP().apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    @jax.jit
-    def step(p, s):
-        u, s = opt.update(jax.grad(loss)(p), s, p)
-        return optax.apply_updates(p, u), s
+    updates, state = _adam().update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
 
-    state = opt.init(params)
+
+def train(x, y, seed: int, steps: int = 300) -> dict:
+    """MLP() trained full-batch with adam(3e-3) from key(seed): ``{"params": ...}``."""
+    params = MLP().init(jax.random.key(seed), x[:1])["params"]
+    state = _adam().init(params)
     for _ in range(steps):
-        params, state = step(params, state)
+        params, state = _step(params, state, x, y)
     return {"params": params}
 
 

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_run_all_quick():
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"],
                    check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
-                   timeout=240)
+                   timeout=300)
     rows = json.loads((ROOT / "benchmarks/results/projection_roofline_quick.json").read_text())["rows"]
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
     assert all(r["project_flops"] > 0 and r["matmul_flops"] > 0 for r in rows)
@@ -32,6 +32,17 @@ def test_run_all_quick():
     assert set(out["goals"]) == {"lds_at_equal_M_k_at_least_traker_or_within_ci",
                                  "lds_rising_with_M", "lds_vs_time_above_traker_at_every_point"}
     assert all(isinstance(g["met"], bool) for g in out["goals"].values())
+
+    out = json.loads((ROOT / "benchmarks/results/lambda_auto_quick.json").read_text())
+    assert {(r["setting"], r["k"], r["M"]) for r in out["rows"]} == {
+        (s, k, m) for s in ("digits_mlp", "binary_digits") for k in (32, 256) for m in (1, 2)}
+    for r in out["rows"]:
+        assert all(-1 <= r[p]["low"] <= r[p]["lds"] <= r[p]["high"] <= 1
+                   for p in ("auto", "best", "lambda0"))
+        assert len(r["auto_lambdas"]) == r["M"] and min(r["auto_lambdas"]) > 0
+        if r["k"] > r["n"]:  # λ = 0 interpolates there; the automatic ridge is far better
+            assert r["auto"]["low"] > r["lambda0"]["high"]
+    assert out["library_cross_check"]["met"]
 
     out = json.loads((ROOT / "benchmarks/results/end_to_end_quick.json").read_text())
     assert {(r["library"], r["n_train"]) for r in out["rows"]} == {

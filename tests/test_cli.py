@@ -10,7 +10,8 @@ import pytest
 import trax_attr
 from conftest import linear_apply
 from trax_attr import cli
-from trax_attr.apps.demo import LDS_PIXELS, QUICK, grid_pixels
+from trax_attr.apps.demo import QUICK
+from trax_attr.apps.report import LDS_PIXELS, PICTURES, grid_pixels
 
 
 def png_size(path):
@@ -38,18 +39,25 @@ def test_demo_quick_writes_the_report(demo_run):
     status, root = demo_run
     report = root / "report"
     assert status == 0
-    for name in ("index.html", "proponents.png", "lds_vs_ensemble.png", "summary.json"):
+    for name in ("index.html", "summary.json", *PICTURES):
         assert (report / name).is_file(), name
-    # QUICK shows 3 targets with top-3 proponents and opponents: 750 x 475 pixels
-    assert grid_pixels(QUICK.show, QUICK.k) == (750, 475)
-    assert png_size(report / "proponents.png") == (750, 475)
-    assert png_size(report / "lds_vs_ensemble.png") == LDS_PIXELS == (640, 400)
+    # QUICK shows 3 targets with top-3 proponents and opponents: 750 x 535 pixels
+    assert grid_pixels(QUICK.show, QUICK.k) == (750, 535)
+    assert png_size(report / "proponents.png") == (750, 535)
+    for name in PICTURES[1:]:
+        assert png_size(report / name) == LDS_PIXELS == (640, 400), name
     html = (report / "index.html").read_text()
-    assert 'src="proponents.png"' in html and 'src="lds_vs_ensemble.png"' in html
+    for name in PICTURES:
+        assert f'src="{name}"' in html, name
     summary = json.loads((report / "summary.json").read_text())
-    assert sorted(summary["lds"], key=int) == ["1", "2"]
-    for result in summary["lds"].values():
-        assert result["low"] <= result["mean"] <= result["high"]
+    assert sorted(summary["lds"]["TRAK"], key=int) == ["1", "2"]
+    for method in ("TRAK", "grad-cosine", "grad-dot"):
+        for result in summary["lds"][method].values():
+            assert result["low"] <= result["mean"] <= result["high"]
+    assert 0 <= summary["test_accuracy"]["ensemble"] <= 1
+    assert set(summary["lambdas"]) == {"0", "1"}
+    removal = summary["removal"]["by_k"]
+    assert [row["k"] for row in removal] == list(QUICK.removed)
     scores = np.load(f"{summary['store']}/experiments/test/scores.npy")
     assert scores.shape == (QUICK.n_train, QUICK.n_test)
 
@@ -214,3 +222,77 @@ def test_library_import_does_not_need_the_demo_extra():
             "bad = {'matplotlib', 'sklearn', 'tqdm', 'torch'} & set(sys.modules); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the report in a real browser ------------------------------------------------------
+
+_PROBE = """<script>
+window.addEventListener("load", function () {
+  var images = Array.from(document.images).map(function (i) {
+    return {src: i.getAttribute("src"), loaded: i.complete && i.naturalWidth > 0}; });
+  var pres = Array.from(document.querySelectorAll("pre")).map(function (p) {
+    return p.scrollWidth - p.clientWidth; });
+  var out = {scrollWidth: document.documentElement.scrollWidth, innerWidth: window.innerWidth,
+             images: images, preOverflow: pres, text: document.body.innerText.length};
+  var probe = document.createElement("div");
+  probe.textContent = "PROBE" + JSON.stringify(out) + "EBORP";
+  document.body.appendChild(probe);
+});
+</script>"""
+
+
+def _chromium():
+    import shutil
+
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no Chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
+
+
+def _measure_in_browser(folder, html, tmp_path, width=1280):
+    """Load ``html`` (with the report's pictures beside it) in headless Chromium at
+    ``width`` px and return what the page measured of itself after its load event."""
+    import re
+    import shutil
+    import subprocess
+
+    page = tmp_path / "page"
+    page.mkdir()
+    for picture in PICTURES:
+        if (folder / picture).exists():
+            shutil.copy(folder / picture, page / picture)
+    (page / "index.html").write_text(html.replace("</body>", _PROBE + "</body>"))
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+               "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", f"--window-size={width},900",
+               "--virtual-time-budget=10000", "--dump-dom", (page / "index.html").as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    found = re.findall(r"PROBE(\{.*?\})EBORP", done.stdout)
+    assert found, f"Chromium printed no measurement (status {done.returncode}): {done.stderr[-500:]}"
+    return json.loads(found[-1])
+
+
+def test_report_renders_in_a_browser_without_overflow(demo_run, tmp_path):
+    """Headless Chromium at 1,280 px: every picture loads, nothing is wider than the window
+    (the printed summary wraps), and the page has its text."""
+    _, root = demo_run
+    report = root / "report"
+    seen = _measure_in_browser(report, (report / "index.html").read_text(), tmp_path)
+    assert sorted(image["src"] for image in seen["images"]) == sorted(PICTURES)
+    assert all(image["loaded"] for image in seen["images"]), seen["images"]
+    assert seen["scrollWidth"] <= seen["innerWidth"] == 1280, seen
+    assert seen["preOverflow"] and max(seen["preOverflow"]) == 0, seen
+    assert seen["text"] > 2000
+
+
+def test_browser_probe_sees_overflow(demo_run, tmp_path):
+    """The measurement above can fail: a page with an unwrapped 3,000 px line and a
+    missing picture is caught."""
+    _, root = demo_run
+    wide = ("<!doctype html><html><body><pre style='white-space:pre'>" + "x" * 400
+            + "</pre><img src='missing.png'></body></html>")
+    seen = _measure_in_browser(root / "report", wide, tmp_path)
+    assert seen["scrollWidth"] > seen["innerWidth"]
+    assert not seen["images"][0]["loaded"]

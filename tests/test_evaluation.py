@@ -143,6 +143,28 @@ def test_models_trained_together_equal_models_trained_alone(small_problem):
     assert np.abs(margins[0] - margins[1]).max() > 1e-2
 
 
+def test_same_init_models_differ_by_their_data_alone(small_problem):
+    """same_init: one initialisation and minibatch order for all models, so models on the
+    same rows are identical, models on other rows are not, and each equals model 0 of an
+    independent run (whose model 0 uses fold_in(key, 0) as well)."""
+    (x, y), (xt, yt) = small_problem
+    subsets = ev.retraining._subset_indices(jax.random.key(5), 300, 150, 2)
+    subsets = np.concatenate([subsets, subsets[:1]])          # rows of model 0 again
+    make = lambda rngs: ev.MLP((64, 16, 10), rngs)  # noqa: E731
+    paired = ev.nnx_margins(*ev.train_nnx_models(jax.random.key(7), make, x, y, subsets,
+                                                 steps=40, lr=1e-2, same_init=True), xt, yt)
+    np.testing.assert_allclose(paired[2], paired[0], rtol=1e-6, atol=1e-6)
+    assert np.abs(paired[1] - paired[0]).max() > 1e-3
+    for i in range(2):
+        alone = ev.train_nnx_models(jax.random.key(7), make, x, y, subsets[i:i + 1],
+                                    steps=40, lr=1e-2)
+        np.testing.assert_allclose(ev.nnx_margins(*alone, xt, yt)[0], paired[i],
+                                   rtol=1e-5, atol=1e-5)
+    independent = ev.nnx_margins(*ev.train_nnx_models(jax.random.key(7), make, x, y, subsets,
+                                                      steps=40, lr=1e-2), xt, yt)
+    assert np.abs(independent[2] - independent[0]).max() > 1e-3   # another seed for model 2
+
+
 def test_subset_retraining_rejects_bad_input(small_problem):
     train, targets = small_problem
     with pytest.raises(TypeError, match="jax.random.key"):

@@ -182,7 +182,8 @@ def demo(args) -> None:
             raise CLIError(f"--proj-dim {args.proj_dim} must be at least 1")
         changes["proj_dim"] = args.proj_dim
     config = dataclasses.replace(config, **changes)
-    run_demo(config, args.out, args.cache_dir, progress=not args.no_progress, torch=args.torch)
+    run_demo(config, args.out, args.cache_dir, progress=False if args.no_progress else None,
+             torch=args.torch)
 
 
 # --- entry point -----------------------------------------------------------------------
@@ -200,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="cache of checkpoints, stores and retrained models "
                         "(default .cache/trax-attr)")
     p.add_argument("--quick", action="store_true", help="a tiny setting, seconds (for tests)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only on a terminal anyway)")
     p.add_argument("--torch", action="store_true",
                    help="run the same demo on the torch twin through interop")
 

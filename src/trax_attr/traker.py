@@ -51,6 +51,9 @@ _TRAKER_ARGUMENTS = {
     "load_from_save_dir": "nothing: an existing save_dir is always resumed",
     "logging_level": "logging.getLogger('trax_attr').setLevel(...)",
     "proj_max_batch_size": "nothing: projection blocks are sized automatically",
+    "gradient_computer": "grad_wrt=... (gradients are the engine's per-example jax.grad)",
+    "saver": "nothing: save_dir is the store (trax_attr.store)",
+    "score_computer": "nothing: scores are the engine's; top_k= on finalize_scores",
 }
 
 

@@ -22,6 +22,8 @@ import trax_attr
 import zoo_models as zoo
 from trax_attr import interop
 
+pytest.importorskip("transformers", reason="needs transformers (the zoo extra; docs/models.md)")
+
 N_TRAIN, N_TARGETS = 16, 4  # featurized 4 at a time: one batch shape, one compilation
 
 

@@ -15,6 +15,8 @@ import torch
 import trax_attr
 import zoo_models as zoo
 
+pytest.importorskip("open_clip", reason="needs open_clip_torch (the zoo extra; docs/models.md)")
+
 N_TRAIN, N_TARGETS, N_BANK = 16, 4, 12
 
 

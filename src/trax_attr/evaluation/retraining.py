@@ -139,7 +139,8 @@ def _take(tree, index):
 
 
 def train_nnx_models(key, make_model: Callable[[Any], Any], x, y, subsets, *, steps: int,
-                     lr: float, batch_size: int = 128, models_at_once: int | None = None):
+                     lr: float, batch_size: int = 128, models_at_once: int | None = None,
+                     same_init: bool = False):
     """Train one ``flax.nnx`` model per row of ``subsets``, vectorised over models.
 
     Model i is initialised from ``fold_in(key, i)`` and trained with Adam on minibatches
@@ -158,6 +159,9 @@ def train_nnx_models(key, make_model: Callable[[Any], Any], x, y, subsets, *, st
       models_at_once: how many models one compiled call trains (``jax.vmap`` over them);
         ``None``: all. vmap suits matmul models; convolutions vmapped over models lower
         to grouped convolutions that are slow on CPU, so train CNNs with 1 here.
+      same_init: every model is initialised from ``fold_in(key, 0)`` and draws the same
+        minibatch positions within its rows: models then differ only by their data (a
+        paired design, which removes the seed noise from differences between models).
 
     Returns:
       ``(graphdef, params, rest)``: params and rest are ``nnx.State`` whose leaves have a
@@ -175,7 +179,7 @@ def train_nnx_models(key, make_model: Callable[[Any], Any], x, y, subsets, *, st
     rows = np.zeros((count, x.shape[0]), np.int32)
     rows[:, :size] = subsets
     sizes = np.full(count, size, np.int32)
-    model_keys = [jax.random.fold_in(key, i) for i in range(count)]
+    model_keys = [jax.random.fold_in(key, 0 if same_init else i) for i in range(count)]
     split = [jax.random.split(k) for k in model_keys]
     # one model at a time: the compiled initialiser is shared by every call
     inits = [_init_one(make_model, pair[0]) for pair in split]
@@ -229,7 +233,8 @@ def subset_retraining(key, train, targets, *, num_models: int = 256, alpha: floa
                       hidden: Sequence[int] = (64,), steps: int = 600, lr: float = 3e-3,
                       batch_size: int = 128, make_model: Callable[[Any], Any] | None = None,
                       models_at_once: int | None = None,
-                      cache_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      cache_dir: str | os.PathLike | None = None,
+                      same_init: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Counterfactual ground truth for :func:`lds`: retrain on random subsets, get margins.
 
     Trains ``num_models`` small models, each on its own random subset of
@@ -253,6 +258,10 @@ def subset_retraining(key, train, targets, *, num_models: int = 256, alpha: floa
       cache_dir: folder of an on-disk cache (npz, no pickle) keyed by a digest of the
         data, key and settings; ``None`` for no cache. A custom ``make_model`` enters the
         key by its name and parameter shapes only: use a new folder after editing its code.
+      same_init: all models share one initialisation and minibatch order (see
+        :func:`train_nnx_models`), so a target's margin varies over subsets by the data
+        alone; the LDS then measures how well scores predict the effect of the data
+        rather than that plus the seed-to-seed noise of training.
 
     Returns:
       ``masks (S, n_train) bool`` and target ``margins (S, n_targets) f32``.
@@ -287,6 +296,8 @@ def subset_retraining(key, train, targets, *, num_models: int = 256, alpha: floa
         settings = {"version": _RETRAIN_VERSION, "num_models": int(num_models),
                     "alpha": float(alpha), "model": model_id, "steps": int(steps),
                     "lr": float(lr), "batch_size": int(batch_size)}
+        if same_init:  # only then: caches written before the option keep their names
+            settings["same_init"] = True
         key_digest = digest(settings, np.asarray(jax.random.key_data(key)), x, y, xt, yt)
         path = Path(cache_dir) / f"subsets-{key_digest}.npz"
         if path.exists():
@@ -298,7 +309,8 @@ def subset_retraining(key, train, targets, *, num_models: int = 256, alpha: floa
     graphdef, params, rest = train_nnx_models(model_key, make_model, x, y, subsets,
                                               steps=int(steps), lr=float(lr),
                                               batch_size=int(batch_size),
-                                              models_at_once=models_at_once)
+                                              models_at_once=models_at_once,
+                                              same_init=bool(same_init))
     margins = nnx_margins(graphdef, params, rest, xt, yt)
     masks = np.zeros((int(num_models), n), bool)
     np.put_along_axis(masks, subsets, True, axis=1)

@@ -103,21 +103,20 @@ def layer_pairs(module: nn.Module, names: Mapping[str, str] | None = None) -> li
     return pairs
 
 
-def _to_flax_layout(x, kind: str):
-    if kind == "linear":
-        return x.T
-    if kind == "conv":
-        return x.transpose(tuple(range(2, x.ndim)) + (1, 0))
-    return x
+def _to_flax_layout(x, layout: str):
+    """A torch weight in the Flax layout: Linear (out, in) -> (in, out); Conv
+    (out, in, *window) -> (*window, in, out); anything else unchanged."""
+    return {"linear": lambda: x.T,
+            "conv": lambda: x.transpose(tuple(range(2, x.ndim)) + (1, 0))}.get(
+        layout, lambda: x)()
 
 
-def _to_torch_layout(x, kind: str):
-    if kind == "linear":
-        return x.T
-    if kind == "conv":
-        n = x.ndim
-        return x.transpose((n - 1, n - 2) + tuple(range(n - 2)))
-    return x
+def _to_torch_layout(x, layout: str):
+    """The inverse of :func:`_to_flax_layout`."""
+    n = x.ndim
+    return {"linear": lambda: x.T,
+            "conv": lambda: x.transpose((n - 1, n - 2) + tuple(range(n - 2)))}.get(
+        layout, lambda: x)()
 
 
 def _flat(tree) -> dict[str, Any]:
