@@ -53,7 +53,8 @@ class Block(nnx.Module):
 
 
 class EncoderClassifier(nnx.Module):
-    """BERT-shaped classifier: (input_ids, token_type_ids, attention_mask) -> (B, C) logits."""
+    """BERT-shaped classifier: (input_ids, attention_mask, token_type_ids) -> (B, C) logits
+    (HuggingFace's order)."""
 
     def __init__(self, vocab=40, max_len=12, dim=16, heads=2, classes=3, *, rngs: nnx.Rngs):
         self.tok = nnx.Embed(vocab, dim, rngs=rngs)
@@ -63,7 +64,7 @@ class EncoderClassifier(nnx.Module):
         self.ln = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
         self.head = nnx.Linear(dim, classes, rngs=rngs)
 
-    def __call__(self, input_ids, token_type_ids, attention_mask):
+    def __call__(self, input_ids, attention_mask, token_type_ids):
         t = input_ids.shape[1]
         x = self.tok(input_ids) + self.typ(token_type_ids) + self.pos(jnp.arange(t))[None]
         x = self.ln(self.block(x, attention_mask))
@@ -87,14 +88,14 @@ class Decoder(nnx.Module):
 
 
 def text_batch(seed: int, n: int, length: int = 8, vocab: int = 40, classes: int = 3):
-    """(input_ids, token_type_ids, attention_mask, labels): right-padded, int32."""
+    """(input_ids, attention_mask, token_type_ids, labels): right-padded, int32."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, vocab, (n, length)).astype(np.int32)
     lengths = rng.integers(3, length + 1, n)
     mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
     types = ((np.arange(length)[None] >= lengths[:, None] // 2) & (mask == 1)).astype(np.int32)
     labels = rng.integers(0, classes, n).astype(np.int32)
-    return ids * mask, types, mask, labels
+    return ids * mask, mask, types, labels
 
 
 def lm_batch(seed: int, n: int, length: int = 8, vocab: int = 23, with_loss_mask=False):

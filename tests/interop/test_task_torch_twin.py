@@ -8,8 +8,8 @@ of torch twins is checked two ways:
   of grad of functional_call), out-to-loss terms written in torch, and the scores solved
   in numpy float64;
 * through interop: the twin converted to JAX (backend="converted", its torch.fx graph
-  interpreted in jnp) and scored by the same functional core, and the torch-native route
-  (backend="torch", the task written in torch) on the same twin.
+  interpreted in jnp) and scored by the same functional core, and the torch route
+  (backend="torch": the twin run by torch, the JAX task differentiating through it).
 
 Agreement: max |τ_a - τ_b| / max |τ_b| <= 1e-4 for every pair compared.
 """
@@ -71,7 +71,7 @@ class TEncoderClassifier(nn.Module):
         self.block = TBlock(dim, heads, causal=False)
         self.ln, self.head = nn.LayerNorm(dim, eps=tm.LN_EPS), nn.Linear(dim, classes)
 
-    def forward(self, input_ids, token_type_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, token_type_ids):
         t = input_ids.shape[1]
         x = self.tok(input_ids) + self.typ(token_type_ids) + self.pos(torch.arange(t))[None]
         return self.head(self.ln(self.block(x, attention_mask))[:, 0])
@@ -130,13 +130,13 @@ def numpy_scores(phi, q, phi_targets, lambda_reg):
     return np.linalg.solve(kernel, phi @ phi_targets.T) * q[:, None]
 
 
-def text_output(model, ids, types, mask, label):
-    return torch_margin(model(ids[None], types[None], mask[None])[0], label)
+def text_output(model, ids, mask, types, label):
+    return torch_margin(model(ids[None], mask[None], types[None])[0], label)
 
 
 def text_q(model, batch):
-    ids, types, mask, labels = batch
-    p = torch.softmax(model(ids, types, mask), -1)[torch.arange(len(labels)), labels]
+    ids, mask, types, labels = batch
+    p = torch.softmax(model(ids, mask, types), -1)[torch.arange(len(labels)), labels]
     return 1 - p
 
 
@@ -238,23 +238,11 @@ def test_scores_match_torch_func_twin(task):
     assert rel <= 1e-4, rel
 
 
-class TorchTask(NamedTuple):
-    """A task in torch for backend="torch": the same output and q functions as above."""
-
-    output: Callable
-    q: Callable
-
-    def get_output(self, call, params, *example):
-        return self.output(lambda *inputs: call(params, *inputs), *example)
-
-    def get_out_to_loss_grad(self, call, params, batch):
-        return self.q(lambda *inputs: call(params, *inputs), batch)
-
-
 @pytest.mark.parametrize("task", sorted(CASES))
 def test_scores_match_converted_twin(task):
     """Flax vs the twin converted by interop (backend="converted"), both scored by the
-    functional core; the torch-native route (backend="torch") on the same twin too."""
+    functional core; the torch route (backend="torch": the twin run by torch, the JAX task
+    differentiating through it) on the same twin too."""
     case, flax = CASES[task], flax_side(task)
     twin = twin_of(task)
     converted = trax_attr.as_model(twin, backend="converted")
@@ -267,13 +255,13 @@ def test_scores_match_converted_twin(task):
     print(f"{task}: d = {phi.shape[1]}, max |converted - flax| / max |flax| = {rel:.2e}")
     assert rel <= 1e-4, rel
 
-    # torch-native: the same parameter layout (state_dict names), so the same features
-    native = interop.torch_model(twin, "torch", torch_task=TorchTask(case.output, case.q))
+    # the torch route: the same parameter layout (state_dict names), so the same features
+    native = interop.torch_model(twin, "torch")
     phi_n, q_n = trax_attr.featurize(native, None, case.train, task=task)
     phi_tn, _ = trax_attr.featurize(native, None, case.target, task=task)
     np.testing.assert_allclose(phi_n, phi, rtol=1e-4, atol=1e-5 * np.abs(phi).max())
     np.testing.assert_allclose(q_n, q, rtol=1e-5, atol=1e-7)
     scores_n = trax_attr.trak_scores(phi_n[None], q_n[None], phi_tn[None], flax.lambda_reg)
     rel_n = rel_diff(scores_n, scores)
-    print(f"{task}: max |torch-native - converted| / max |converted| = {rel_n:.2e}")
+    print(f"{task}: max |torch route - converted| / max |converted| = {rel_n:.2e}")
     assert rel_n <= 1e-4, rel_n

@@ -47,8 +47,8 @@ def test_checkpoint_mismatch_is_named(torch_cnn, tmp_path):
 
 def test_backend_choice():
     module = TorchCNN()
-    assert trax_attr.as_model(module).host_grads is None
-    assert trax_attr.as_model(module, backend="torch").host_grads is not None
+    assert trax_attr.as_model(module).name.endswith("backend=converted)")
+    assert trax_attr.as_model(module, backend="torch").name.endswith("backend=torch)")
     with pytest.raises(ValueError, match="backend='jax' is not known"):
         trax_attr.as_model(module, backend="jax")
     with pytest.raises(ValueError, match="applies to torch modules only"):
@@ -75,15 +75,39 @@ def test_torch_backend_grad_wrt_and_untouched_module(torch_cnn, digits_images):
     np.testing.assert_allclose(np.asarray(q_t), np.asarray(q_c), rtol=1e-5, atol=1e-7)
 
 
-def test_torch_backend_refuses_tasks_without_torch_twin(torch_cnn, digits_images):
+def test_custom_jax_task_on_torch_backend(torch_cnn, digits_images):
+    """A task written in JAX for JAX models runs on backend="torch" as it is: the torch
+    module is a differentiable JAX function, so the features equal the converted route's."""
+    import jax
+    import jax.numpy as jnp
+
     (x, y), _ = digits_images
 
-    class Custom(trax_attr.ModelOutput):
-        pass
+    class SquaredLogit(trax_attr.ModelOutput):
+        """f = (logit of class 0)², Q = 1: any differentiable JAX code of the logits."""
 
+        def get_output(self, apply_fn, params, image, label):
+            return apply_fn(params, image[None])[0, 0] ** 2 + 0.0 * label
+
+        def get_out_to_loss_grad(self, apply_fn, params, batch):
+            return jnp.ones(len(batch[0]))
+
+    features = {backend: trax_attr.featurize(interop.torch_model(torch_cnn, backend), None,
+                                             (x[:16], y[:16]), task=SquaredLogit())
+                for backend in ("converted", "torch")}
+    (phi_c, _), (phi_t, _) = features["converted"], features["torch"]
+    np.testing.assert_allclose(np.asarray(phi_t), np.asarray(phi_c), rtol=1e-4,
+                               atol=1e-6 * np.abs(np.asarray(phi_c)).max())
+    # and plain jax.grad of a batched loss (no vmap): one torch VJP for the whole batch
     model = interop.torch_model(torch_cnn, "torch")
-    with pytest.raises(ValueError, match="no torch implementation.*torch_task="):
-        trax_attr.featurize(model, None, (x[:4], y[:4]), task=Custom())
+    params, state = model.split(None)
+    loss = lambda p: jnp.sum(model.apply(p, state, jnp.asarray(x[:8])) ** 2)  # noqa: E731
+    reference = interop.torch_model(torch_cnn, "converted")
+    want = jax.grad(lambda p: jnp.sum(reference.apply(p, state, jnp.asarray(x[:8])) ** 2))(params)
+    got = jax.grad(loss)(params)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4,
+                                   atol=1e-5 * np.abs(want[name]).max())
 
 
 def test_compare_against_scipy():
@@ -123,13 +147,15 @@ def test_unconvertible_module_points_to_torch_backend(tmp_path):
 
 
 def test_dlpack_hand_over_shares_memory():
-    """The torch route's hand-over is zero-copy on CPU in both directions (the params it
-    reads, the gradients it returns)."""
+    """The torch route's hand-over is zero-copy on CPU in both directions (the arrays the
+    callbacks read, the tensors they return)."""
     import jax
     import jax.numpy as jnp
 
+    from trax_attr.interop import callback
+
     array = jnp.arange(64 * 33, dtype=jnp.float32).reshape(64, 33)
-    tensor = trax_attr.interop.models._to_torch(array, torch.device("cpu"))
+    tensor = callback._from_jax(array, torch.device("cpu"))
     assert tensor.data_ptr() == array.unsafe_buffer_pointer()
     grads = torch.randn(64, 300)
-    assert jax.dlpack.from_dlpack(grads).unsafe_buffer_pointer() == grads.data_ptr()
+    assert callback._to_jax(grads, jnp.float32).unsafe_buffer_pointer() == grads.data_ptr()

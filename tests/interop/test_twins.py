@@ -17,7 +17,20 @@ from trax_attr import interop  # noqa: E402
 import trax_attr  # noqa: E402
 from torch_twins import (  # noqa: E402,F401 (fixtures are used by name)
     N_TARGETS, N_TRAIN, digits_images, nnx_cnn, torch_cnn)
+from trax_attr.gradients import per_example_grads  # noqa: E402
 from trax_attr.tasks import ImageClassification, classification_margin, one_minus_p  # noqa: E402
+
+
+def torch_margin(logits, label):
+    """g_y - logsumexp_{j≠y} g_j of one example, in torch: ``(C,), ()`` -> ``()``."""
+    is_label = torch.arange(logits.shape[-1]) == label
+    correct = torch.where(is_label, logits, torch.zeros_like(logits)).sum()
+    return correct - torch.logsumexp(logits.masked_fill(is_label, float("-inf")), dim=-1)
+
+
+def torch_one_minus_p(logits, labels):
+    """1 - softmax(g)_y of a batch in torch, ``(B, C), (B,)`` -> ``(B,)``."""
+    return 1 - torch.softmax(logits, -1)[torch.arange(len(labels)), labels]
 
 # n_train = 300 < d = 1434, so the identity-projector Gram matrix is singular and needs a
 # ridge. Its mean diagonal is 2.4 and its top eigenvalue 1.7e3; λ = 1 bounds the
@@ -57,9 +70,8 @@ def test_margins_and_one_minus_p_agree(twins, torch_cnn, digits_images):
     task = ImageClassification()
     with torch.no_grad():
         logits = torch_cnn(torch.from_numpy(x))
-    want_margin = torch.func.vmap(trax_attr.interop.models.classification_margin)(
-        logits, torch.from_numpy(y).long()).numpy()
-    want_q = trax_attr.interop.models.one_minus_p(logits, torch.from_numpy(y).long(), 1.0).numpy()
+    want_margin = torch.func.vmap(torch_margin)(logits, torch.from_numpy(y).long()).numpy()
+    want_q = torch_one_minus_p(logits, torch.from_numpy(y).long()).numpy()
     assert want_q.min() >= 0 and np.median(want_q) < 0.5, "the CNN should be trained"
     for name in ("flax", "converted"):
         model, checkpoint = twins[name]
@@ -94,15 +106,10 @@ def test_per_example_gradients_agree(twins, torch_cnn, digits_images):
     for name in ("converted", "torch"):
         model, checkpoint = twins[name]
         params_t, state_t = model.split(checkpoint)
-        names = sorted(params_t)
-        if model.host_grads is None:
-            sel = trax_attr.select(params_t)
-            from trax_attr.gradients import per_example_grads
-            g = per_example_grads(task, model, sel, *sel.split(params_t), state_t,
-                                  (jnp.asarray(x), jnp.asarray(y)))
-        else:
-            g, _ = model.host_grads(task, params_t, state_t, (x, y), tuple(names), False)
-        grads[name] = {n: np.asarray(v) for n, v in zip(names, g)}
+        sel = trax_attr.select(params_t)
+        g = per_example_grads(task, model, sel, *sel.split(params_t), state_t,
+                              (jnp.asarray(x), jnp.asarray(y)))
+        grads[name] = {n: np.asarray(v) for n, v in zip(sel.paths, g)}
     for name in ("converted", "torch"):
         for leaf, value in flax_grads.items():
             got = grads[name][leaf].reshape(value.shape)

@@ -1,7 +1,8 @@
 """interop: the PyTorch bridge of trax_attr, and the only code that imports torch.
 
 * ``TRAKer(model=torch_module, backend="converted" | "torch")`` goes through
-  :func:`torch_model`: importing this package registers it with
+  :func:`torch_model` (the module converted to JAX, or run by torch as a differentiable
+  JAX function, :func:`torch_function`): importing this package registers it with
   :func:`trax_attr.register_adapter` (``trax_attr.as_model`` imports it through the
   ``trax_attr.adapters`` entry point when it first meets a torch module);
 * :func:`torch_to_flax` / :func:`flax_to_torch` move weights between twins;
@@ -22,9 +23,9 @@ from .compare import Comparison
 from .compare import compare
 from .convert import UnsupportedOpError
 from .convert import convert
-from .models import TorchImageClassification
 from .models import load_state_dict
 from .models import torch_model
+from .callback import torch_function
 from .weights import flax_to_torch
 from .weights import torch_to_flax
 from ..models import register_adapter as _register_adapter
@@ -41,12 +42,12 @@ _register_adapter(_adapt)
 
 __all__ = [
     "Comparison",
-    "TorchImageClassification",
     "UnsupportedOpError",
     "compare",
     "convert",
     "flax_to_torch",
     "load_state_dict",
+    "torch_function",
     "torch_model",
     "torch_to_flax",
 ]

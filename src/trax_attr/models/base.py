@@ -127,6 +127,29 @@ def _adapt(model, backend):
     return None
 
 
+def _class_message(cls: type) -> str:
+    """What to pass instead of the class ``cls`` (model=CNN rather than model=CNN(...))."""
+    name = cls.__name__
+    if _is_subclass(cls, "flax.nnx", "Module"):
+        example = (f"model={name}(..., rngs=nnx.Rngs(0)) (then its trained weights: "
+                   "load_checkpoint(nnx.state(trained)) or the trained module itself)")
+    elif _is_subclass(cls, "flax.linen", "Module"):
+        example = (f"model=trax_attr.linen_model({name}(...), train=False) (a linen module "
+                   "with the keyword its __call__ takes for evaluation mode), and its "
+                   "variables {'params': ..., 'batch_stats': ...} as checkpoints")
+    elif _is_subclass(cls, "torch.nn", "Module"):
+        example = f"model={name}(...) (then its state_dict as checkpoints)"
+    else:
+        example = f"model={name}(...)"
+    return f"model={name} is a class, not a model: pass an instance, e.g. {example}."
+
+
+def _is_subclass(cls: type, package: str, name: str) -> bool:
+    """Whether ``cls`` derives from ``package``'s class ``name``, without importing it."""
+    return any(base.__name__ == name and base.__module__.startswith(package)
+               for base in cls.__mro__)
+
+
 def as_model(model, backend: str | None = None) -> Model:
     """Resolve ``model=``: a Model, an nnx or linen Module, a torch Module, or
     ``apply_fn(params, *inputs)``.
@@ -162,10 +185,7 @@ def as_model(model, backend: str | None = None) -> Model:
             f"{type(model).__name__}. Leave backend=None for JAX and Flax models."
         )
     if isinstance(model, type):
-        raise TypeError(
-            f"model={model.__name__} is a class, not a model: pass an instance, e.g. "
-            f"model={model.__name__}(...) (for flax.nnx: {model.__name__}(..., "
-            "rngs=nnx.Rngs(0))).")
+        raise TypeError(_class_message(model))
     if callable(model):
         return callable_model(model)
     raise TypeError(

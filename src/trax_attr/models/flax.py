@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import jax
 
 from .base import Model, _hashable
+from .checkpoints import leaf_differences
 from .taps import linen_apply_tapped, nnx_apply_tapped
 
 __all__ = ["nnx_model", "linen_model", "adapt"]
@@ -33,23 +34,34 @@ def nnx_model(module) -> Model:
     def apply(params, state, *inputs):
         return nnx.merge(graphdef, params, state)(*inputs)
 
+    _, own_params, own_state = nnx.split(module, nnx.Param, ...)  # the structure to fit
+
     def split(checkpoint):
         if checkpoint is None:
-            checkpoint = module
+            checkpoint = module  # its weights now (it may have been trained since)
         if isinstance(checkpoint, nnx.Module):
             _, params, state = nnx.split(checkpoint, nnx.Param, ...)
-            return params, state
-        if isinstance(checkpoint, nnx.State):
+        elif isinstance(checkpoint, nnx.State):
             params, state = nnx.split_state(checkpoint, nnx.Param, ...)
             if not jax.tree_util.tree_leaves(state):
                 # parameters only: keep the module's own non-parameter state
                 _, _, state = nnx.split(module, nnx.Param, ...)
-            return params, state
-        raise TypeError(
-            f"an nnx model's checkpoint must be an nnx.Module of the same structure, an "
-            f"nnx.State or None; got {type(checkpoint).__name__}. Save with "
-            "nnx.state(model) and pass that State, or pass the trained module itself."
-        )
+        else:
+            raise TypeError(
+                f"an nnx model's checkpoint must be an nnx.Module of the same structure, an "
+                f"nnx.State or None; got {type(checkpoint).__name__}. Save with "
+                "nnx.state(model) and pass that State, or pass the trained module itself; "
+                "an orbax directory: trax_attr.models.checkpoints.load_checkpoint_dir(path, "
+                "like=model).")
+        differences = (leaf_differences(params, own_params)
+                       + leaf_differences(state, own_state, got_name="checkpoint's state",
+                                          want_name="model's"))
+        if differences:
+            raise ValueError(
+                f"the checkpoint does not fit {type(module).__name__}: "
+                f"{'; '.join(differences)}. Pass the state of a model of this architecture "
+                "(nnx.state(trained_model)).")
+        return params, state
 
     # equal graph definitions compute the same function of (params, state)
     return Model(apply, split, type(module).__name__,

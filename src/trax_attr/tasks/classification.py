@@ -98,13 +98,20 @@ class ImageClassification(ModelOutput):
 
 @dataclasses.dataclass(frozen=True)
 class TextClassification(ModelOutput):
-    """Sequence classification (BERT-style): examples are ``(input_ids, token_type_ids,
-    attention_mask, label)``.
+    """Sequence classification (BERT-style): examples ``(input_ids, attention_mask, label)``
+    or ``(input_ids, attention_mask, token_type_ids, label)``.
 
     The output and out-to-loss term are those of :class:`ImageClassification` applied to
-    the logits of ``apply_fn(params, input_ids (B, T) int, token_type_ids (B, T) int,
-    attention_mask (B, T) int) -> (B, C)``, the argument order of a HuggingFace
-    ``*ForSequenceClassification`` model and of traker's text task.
+    the logits of ``apply_fn(params, input_ids (B, T) int, attention_mask (B, T) int[,
+    token_type_ids (B, T) int]) -> (B, C)``: HuggingFace's order
+    (``BertForSequenceClassification.forward(input_ids, attention_mask, token_type_ids)``),
+    so a HF sequence classifier is used as it is (``TRAKer(model=bert,
+    task="text_classification", backend="torch")``; HF models are called by keyword and
+    their ``.logits`` taken, see :mod:`trax_attr.interop.conventions`). Models without
+    token types (DistilBERT) take examples of three arrays.
+
+    traker 0.3.2's text task takes ``(input_ids, token_type_ids, attention_mask, label)``
+    instead, the argument order of its wrapper modules: reorder such batches.
 
     Attributes:
       loss_temperature: T in the softmax of the out-to-loss term.
@@ -115,19 +122,25 @@ class TextClassification(ModelOutput):
     def __post_init__(self):
         _check_temperature(self)
 
-    def get_output(self, apply_fn, params, input_ids, token_type_ids, attention_mask, label):
-        logits = apply_fn(params, input_ids[None], token_type_ids[None], attention_mask[None])[0]
+    def get_output(self, apply_fn, params, input_ids, attention_mask, *token_type_ids_label):
+        *token_type_ids, label = token_type_ids_label
+        inputs = (input_ids, attention_mask, *token_type_ids)
+        logits = apply_fn(params, *(a[None] for a in inputs))[0]
         return classification_margin(logits, label)
 
     def get_out_to_loss_grad(self, apply_fn, params, batch):
-        input_ids, token_type_ids, attention_mask, labels = batch
-        logits = apply_fn(params, input_ids, token_type_ids, attention_mask)
-        return one_minus_p(logits, labels, self.loss_temperature)
+        *inputs, labels = batch
+        return one_minus_p(apply_fn(params, *inputs), labels, self.loss_temperature)
 
     def check_batch(self, batch, rows, output_shape):
-        super().check_batch(batch, rows, output_shape)
-        check_labels(self, batch[-1], rows, classes_of(output_shape, *(a[:1] for a in batch[:3])),
-                     what="labels (the fourth array of batch)")
+        if len(batch) not in (3, 4):
+            raise ValueError(
+                f"batch holds {len(batch)} arrays, but TextClassification takes (input_ids, "
+                "attention_mask, label) or (input_ids, attention_mask, token_type_ids, label) "
+                "per example (HuggingFace's order; traker's text batches (input_ids, "
+                "token_type_ids, attention_mask, label) must be reordered).")
+        check_labels(self, batch[-1], rows, classes_of(output_shape, *(a[:1] for a in batch[:-1])),
+                     what="labels (the last array of batch)")
 
 
 @dataclasses.dataclass(frozen=True)

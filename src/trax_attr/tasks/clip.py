@@ -58,17 +58,20 @@ class CLIPBank(NamedTuple):
 
 
 def clip_embedding_bank(model, checkpoint, images, texts, *, batch_size: int = 256,
-                        dtype=jnp.float32) -> CLIPBank:
+                        dtype=jnp.float32, backend: str | None = None) -> CLIPBank:
     """Embed N image-caption pairs once with one checkpoint: the bank of :class:`CLIP`.
 
     Args:
       model: anything ``TRAKer(model=...)`` accepts, whose call on ``(images (B, ...),
         texts (B, ...))`` returns ``(image_embeddings (B, D), text_embeddings (B, D))``,
-        optionally followed by the logit scale.
+        optionally followed by the logit scale: a JAX or Flax model, an open_clip model
+        or a HuggingFace ``CLIPModel`` (torch modules: see ``backend``).
       checkpoint: its weights, as for ``TRAKer.load_checkpoint``.
       images: ``(N, ...)`` images; texts: ``(N, ...)`` captions (e.g. token ids).
       batch_size: pairs embedded per call (the last call is padded, so one compilation).
       dtype: dtype of the returned embeddings.
+      backend: for a torch module, as ``TRAKer(backend=...)``: ``"converted"`` (default)
+        or ``"torch"`` (embedded by torch); use the TRAKer's.
 
     Returns:
       :class:`CLIPBank` of ``(N, D)`` arrays in ``dtype``.
@@ -83,7 +86,7 @@ def clip_embedding_bank(model, checkpoint, images, texts, *, batch_size: int = 2
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    model = as_model(model)
+    model = as_model(model, backend=backend)
     params, state = model.split(checkpoint)
     embed = jax.jit(lambda i, t: tuple(model.apply(params, state, i, t)[:2]))
     n = len(images)
