@@ -19,7 +19,7 @@ $(VENV)/.demo: pyproject.toml $(LOCK) | $(BIN)/python
 	touch $@
 
 $(VENV)/.test: pyproject.toml $(LOCK) | $(BIN)/python
-	$(INSTALL) -e '.[demo,test,interop,docs]'
+	$(INSTALL) -e '.[demo,test,interop,docs,zoo]'
 	touch $@ $(VENV)/.demo $(VENV)/.docs
 
 $(VENV)/.docs: pyproject.toml $(LOCK) | $(BIN)/python
@@ -43,7 +43,7 @@ bench: $(VENV)/.test
 lock: | $(BIN)/python
 	$(BIN)/python -m pip install -q pip-tools
 	$(BIN)/pip-compile --quiet --upgrade --strip-extras --no-emit-index-url --no-emit-find-links \
-	  --extra demo --extra test --extra interop --extra docs -o $(LOCK) pyproject.toml
+	  --extra demo --extra test --extra interop --extra docs --extra zoo -o $(LOCK) pyproject.toml
 	sed -i 's/^torch==\(.*\)+cpu$$/torch==\1/' $(LOCK)
 
 # the wheel and sdist in dist/, checked by twine
