@@ -26,8 +26,8 @@ from jax.sharding import Mesh
 
 from . import parallel
 from .engine import TopK, inverse_gram, merge_topk, resolve_lambda, row_weights
-from .store import Store
-from .store.files import RowStream, read_rows
+from .store import Store, StoreCorruptedError
+from .store.files import RowStream, present, read_rows, verify_row_checks
 from .store.locks import job_lock
 
 __all__ = ["chunk_rows", "stream_gram", "stream_scores", "finalize_features",
@@ -153,14 +153,63 @@ def _wanted(meta: dict, lambda_reg, rescale: bool) -> bool:
 def missing_rows(store: Store, model_id: int, n: int) -> tuple[list[int], int]:
     """(first few missing training rows, how many) of a checkpoint, read in chunks."""
     done = store.array_path(model_id, "done")
-    if not done.exists():
+    if not present(done):
         return list(range(min(n, 8))), n
     first, count = [], 0
     for start in range(0, n, _DONE_CHUNK):
-        left = np.flatnonzero(read_rows(done, start, start + _DONE_CHUNK) == 0)
+        flags = read_rows(done, start, start + _DONE_CHUNK)
+        if (flags > 2).any():
+            raise StoreCorruptedError(
+                f"{str(done)!r} holds done flags other than 0, 1 and 2 (e.g. row "
+                f"{int(np.argmax(flags > 2)) + start}); it is corrupted. Delete the folder "
+                f"{str(done.parent)!r} and featurize model_id={model_id} again.")
+        left = np.flatnonzero(flags == 0)
         count += left.size
         first.extend((left[: 8 - len(first)] + start).tolist())
     return first, count
+
+
+class _CheckedRows:
+    """The Φ rows of a checkpoint read by chunk, each chunk checked against the row checks
+    written with Φ and Q (:func:`~trax_attr.store.row_checks`). One process streams and
+    hashes the files as it reads them; with several, each reads its own rows and process
+    0 hashes the files in a second pass."""
+
+    def __init__(self, store: Store, model_id: int, n: int, k: int, streamed: bool):
+        shapes = {"grads": ((n, k), np.float32), "out_to_loss": ((n,), np.float32),
+                  "check": ((n,), np.uint64)}
+        self.paths = {name: store.array_path(model_id, name) for name in shapes}
+        self.what = f"the training rows of model_id={model_id}"
+        self.salt = store.row_salt(model_id)
+        self.fix = (f"Delete the folder {str(store.model_dir(model_id))!r} and featurize "
+                    f"model_id={model_id} again.")
+        self.streams = {}
+        try:
+            for name, shape in shapes.items():
+                if streamed:
+                    self.streams[name] = RowStream(self.paths[name], *shape)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.streams:
+            parts = {name: s.read(start, stop) for name, s in self.streams.items()}
+        else:
+            parts = {name: read_rows(path, start, stop) for name, path in self.paths.items()}
+        verify_row_checks(start, parts["check"], [parts["grads"], parts["out_to_loss"]],
+                          self.what, self.fix, self.salt)
+        return parts["grads"]
+
+    def records(self) -> dict[str, dict]:
+        """The file records of grads.npy and out_to_loss.npy."""
+        streams = self.streams or {name: RowStream(self.paths[name])
+                                   for name in ("grads", "out_to_loss")}
+        return {f"{name}.npy": streams[name].record() for name in ("grads", "out_to_loss")}
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
 
 
 def finalize_features(store: Store, model_ids, *, n: int, k: int, lambda_reg, rescale: bool,
@@ -209,24 +258,20 @@ def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx
     else:
         # every process reads the whole done bitmap, so all raise the same error on
         # missing rows (none waits at a barrier for a process that has given up)
-        if store.array_path(model_id, "done").exists():  # shapes, dtypes, complete set
+        if present(store.array_path(model_id, "done")):  # shapes, dtypes, complete set
             store.model_arrays(model_id, n, k, mode="r")
         missing, count = missing_rows(store, model_id, n)
         if count:
             raise ValueError(
                 f"model_id={model_id} is missing {count} of {n} training rows (e.g. "
                 f"{missing}); featurize them before finalize_features.")
-        mine = parallel.process_rows(n)
-        one = jax.process_count() == 1
-        grads = RowStream(store.array_path(model_id, "grads")) if one else None
-        path = store.array_path(model_id, "grads")
-        read = grads.read if one else (lambda a, b: read_rows(path, a, b))
-        gram = parallel.process_sum(stream_gram(read, mine, k, chunk, mesh, xtx_dtype))
-        records = {}
-        if first:
-            q_path = store.array_path(model_id, "out_to_loss")
-            records = {"grads.npy": grads.record() if one else RowStream(path).record(),
-                       "out_to_loss.npy": RowStream(q_path).record()}
+        rows = _CheckedRows(store, model_id, n, k, streamed=jax.process_count() == 1)
+        try:
+            gram = parallel.process_sum(stream_gram(rows.read, parallel.process_rows(n), k,
+                                                    chunk, mesh, xtx_dtype))
+            records = rows.records() if first else {}
+        finally:
+            rows.close()
     if not first:
         return
     value = resolve_lambda(lambda_reg, gram, n)
@@ -248,6 +293,7 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
         raise ValueError(
             f"experiment {exp_name!r} does not exist in {str(store.root)!r} (existing: "
             f"{store.experiment_names()}); call start_scoring_checkpoint first.")
+    store.check_listed(exp_name, exp)
     ids = exp["model_ids"] if model_ids is None else model_ids
     m = exp["num_targets"]
     used = []
@@ -267,7 +313,13 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
         used.append(model_id)
     if not used:
         raise ValueError(f"experiment {exp_name!r} has no checkpoint with all targets scored.")
-    lambdas = {model_id: store.model_meta(model_id).get("lambda") for model_id in used}
+    lambdas = {}
+    for model_id in used:
+        meta = store.model_meta(model_id)
+        if meta is None or not meta["finalized"]:
+            raise ValueError(f"model_id={model_id} of experiment {exp_name!r} is not finalized "
+                             f"in {str(store.root)!r}; call finalize_features() first.")
+        lambdas[model_id] = meta["lambda"]
     requests = {(lam["lambda_reg"], lam["traker_inverse_rescale"]) for lam in lambdas.values()}
     if len(requests) > 1:
         shown = ", ".join(f"model_id={i}: lambda_reg={lam['lambda_reg']!r}"
@@ -276,16 +328,19 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
             f"the checkpoints of experiment {exp_name!r} were finalized with different λ "
             f"({shown}); one experiment's scores use one λ. Call "
             "finalize_features(lambda_reg=...) once for all of them, then finalize_scores.")
-    targets = np.stack([np.asarray(store.target_arrays(exp_name, i, m, k, mode="r")["grads"])
-                        for i in used])
+    targets = {i: store.finished_targets(exp_name, i, m, k) for i in used}
+    store.finish_targets(exp_name, {i: record for i, (_, record) in targets.items()})
+    targets = np.stack([values for values, _ in targets.values()])
     inverses = np.stack([np.asarray(store.finished(i, "inverse", (k, k), np.float32))
                          for i in used])
     folded = np.asarray(parallel.fold(inverses, targets))
     with contextlib.ExitStack() as streams:
-        train = [RowStream(store.array_path(i, "grads")) for i in used]
-        q = [RowStream(store.array_path(i, "out_to_loss")) for i in used]
-        for s in train + q:
-            streams.callback(s.close)
+        train, q = [], []
+        for i in used:  # each closed on the way out, even if a later one fails to open
+            train.append(streams.enter_context(contextlib.closing(
+                RowStream(store.array_path(i, "grads"), (n, k), np.float32))))
+            q.append(streams.enter_context(contextlib.closing(
+                RowStream(store.array_path(i, "out_to_loss"), (n,), np.float32))))
 
         def read_train(start, stop):
             return np.stack([s.read(start, stop) for s in train])
