@@ -14,6 +14,12 @@ from trax_attr import projection
 RANDOM = [
     pytest.param(trax_attr.rademacher(256, dtype=jnp.float32), id="rademacher"),
     pytest.param(trax_attr.normal(256, dtype=jnp.float32), id="normal"),
+    pytest.param(trax_attr.rademacher(256, dtype=jnp.float32, generator="threefry"),
+                 id="rademacher-threefry"),
+    pytest.param(trax_attr.normal(256, dtype=jnp.float32, generator="threefry"),
+                 id="normal-threefry"),
+    pytest.param(trax_attr.rademacher(256, dtype=jnp.float32, generator="rbg"),
+                 id="rademacher-rbg"),
 ]
 ALL = RANDOM + [pytest.param(trax_attr.identity(), id="identity")]
 
@@ -155,3 +161,25 @@ def test_bad_arguments_say_the_fix(bad, message):
 def test_unknown_projector_lists_valid_names():
     with pytest.raises(ValueError, match="identity.*normal.*rademacher"):
         projection.get_projector("gaussian", 8)
+
+
+@pytest.mark.parametrize("generator", ["threefry", "rbg"])
+def test_jax_random_generator_is_the_same_matrix_for_any_block_or_column_split(generator):
+    """P from jax.random tiles: any block of rows (starting inside a tile or not) and any
+    column range is a slice of the one matrix; it differs from the hash generator's."""
+    proj = trax_attr.rademacher(64, dtype=jnp.float32, generator=generator)
+    key = trax_attr.projection_key(2, 5)
+    full = np.asarray(trax_attr.materialize(proj, key, 1000))
+    for start, rows in ((0, 1000), (3, 300), (255, 2), (256, 256), (700, 300)):
+        block = np.asarray(proj.matrix_block(key, start, rows))
+        np.testing.assert_array_equal(block, full[start:start + rows])
+    cols = np.asarray(jax.jit(lambda c: proj.matrix_block(key, 100, 50, c, 16))(jnp.int32(32)))
+    np.testing.assert_array_equal(cols, full[100:150, 32:48])
+    hashed = np.asarray(trax_attr.materialize(dataclasses.replace(proj, generator="hash"),
+                                              key, 1000))
+    assert 0.45 < float(np.mean(np.sign(hashed) == np.sign(full))) < 0.55
+
+
+def test_unknown_generator_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="hash.*threefry.*rbg"):
+        trax_attr.rademacher(8, generator="philox")

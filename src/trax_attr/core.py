@@ -39,7 +39,7 @@ def featurize(model, checkpoint, batch: tuple, *, task="image_classification",
       task, projector, seed, grad_wrt: as for ``TRAKer`` (projector defaults to identity).
       model_id: the checkpoint's id; its projection key is fold_in(key(seed), model_id).
       mesh: None (one device, no sharding) or the mesh the TRAKer uses, for its exact
-        kernel (B must then be a multiple of its batch shards).
+        kernel (the batch is padded to a multiple of its batch shards, as the TRAKer does).
 
     Returns:
       ``phi (B, k) f32`` projected gradients and ``q (B,) f32`` out-to-loss terms.
@@ -53,7 +53,13 @@ def featurize(model, checkpoint, batch: tuple, *, task="image_classification",
         return host_features(f, ckpt, batch)
     if mesh is None:
         return features(f, ckpt, batch)
-    return parallel.featurize(f, parallel.check_mesh(mesh), ckpt, batch)
+    mesh = parallel.check_mesh(mesh)
+    size = batch[0].shape[0]
+    extra = -size % parallel.batch_shards(mesh)
+    if extra:  # repeat row 0, as parallel.pad_batch does on the host; works inside jit
+        batch = tuple(jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)]) for a in batch)
+    phi, q = parallel.featurize(f, mesh, ckpt, batch)
+    return phi[:size], q[:size]
 
 
 def xtx(features: jax.Array, dtype=jnp.float32) -> jax.Array:

@@ -1,12 +1,4 @@
-"""Evaluation: the linear datamodeling score (LDS), counterfactual retraining, baselines.
-
-LDS (Park et al. 2023, section 2.2) asks how well attribution scores predict what happens
-when the model is retrained on a subset of its training set. For random subsets
-S_1..S_s (``masks``, each an alpha-fraction of the training set) and the margins of
-models retrained on each (``margins``), the prediction of subset s for target j is the
-sum of the scores of the examples it keeps, ``(masks @ scores)[s, j]``; the LDS of target
-j is the Spearman rank correlation, over subsets, between predictions and margins; the
-LDS is its mean over targets.
+"""Evaluation: how good attribution scores are, and how close two sets of them are.
 
 Everything here is host-side numpy except the retraining, which trains all models at once
 (``jax.vmap`` over models, ``optax``) and is deterministic from its key.

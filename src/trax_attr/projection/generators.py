@@ -100,7 +100,10 @@ def _random_block(distribution: str, generator: str, dtype, key, row_start, num_
             return jax.random.rademacher(k, (TILE_ROWS, proj_dim), dtype)
         return jax.random.normal(k, (TILE_ROWS, proj_dim), jnp.float32).astype(dtype)
 
-    tiles = jax.vmap(tile)(first + jnp.arange(count)).reshape(count * TILE_ROWS, proj_dim)
+    # rbg's bits under vmap differ from its bits one call at a time: map over its tiles
+    # sequentially, so a tile is the same whichever block generates it
+    over = jax.vmap if generator == "threefry" else (lambda f: lambda t: jax.lax.map(f, t))
+    tiles = over(tile)(first + jnp.arange(count)).reshape(count * TILE_ROWS, proj_dim)
     rows = jax.lax.dynamic_slice_in_dim(tiles, start - first * TILE_ROWS, num_rows, axis=0)
     if num_cols == proj_dim:
         return rows
