@@ -20,7 +20,7 @@ from store_faults import (B, K, M, N, cli_in_subprocess, copy_store, deadline, f
 from trax_attr import cli
 from trax_attr.hashing import digest
 from trax_attr.store import Store, StoreCorruptedError, StoreWriteError
-from trax_attr.store import files as store_files
+from trax_attr.store import checksums, reading
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_3_special_files_are_refused_without_hanging_or_eating_memory(store, rel
 def test_3_metadata_larger_than_its_cap_is_not_read(store, monkeypatch):
     folder, _ = store
     meta = folder / "experiments" / "test" / "meta.json"
-    monkeypatch.setattr(store_files, "JSON_MAX_BYTES", meta.stat().st_size - 1)
+    monkeypatch.setattr(reading, "JSON_MAX_BYTES", meta.stat().st_size - 1)
     with pytest.raises(StoreCorruptedError, match=r"more than the \d+ any metadata"):
         Store(folder, {}).load_scores("test")
 
@@ -307,7 +307,7 @@ def _object_scores(folder):
     np.save(path, np.array([1, "x"], dtype=object), allow_pickle=True)
     meta_path = folder / "experiments" / "test" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["scores"].update(store_files.file_record(path))
+    meta["scores"].update(checksums.file_record(path))
     meta_path.write_text(json.dumps(meta))
 
 

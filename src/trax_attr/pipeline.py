@@ -27,7 +27,8 @@ from jax.sharding import Mesh
 from . import parallel
 from .engine import TopK, inverse_gram, merge_topk, resolve_lambda, row_weights
 from .store import Store, StoreCorruptedError
-from .store.files import RowStream, present, read_rows, verify_row_checks
+from .store.checksums import RowStream, verify_row_checks
+from .store.reading import present, read_rows
 from .store.locks import job_lock
 
 __all__ = ["chunk_rows", "stream_gram", "stream_scores", "finalize_features",

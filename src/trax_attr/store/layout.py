@@ -9,7 +9,7 @@ Layout under ``save_dir`` (format version 2)::
     models/<model_id>/grads.npy         (n_train, k) f32  projected gradients Φ
     models/<model_id>/out_to_loss.npy   (n_train,)   f32  Q
     models/<model_id>/check.npy         (n_train,)   u8   a check of each row's Φ and Q,
-                                                          written with them (files.row_checks)
+                                                          written with them (checksums.row_checks)
     models/<model_id>/done.npy          (n_train,)   u1   0 to do, 1 done, 2 done as a zero
                                                           row (non-finite values, see TRAKer)
     models/<model_id>/xtx.npy           (k, k)           ΦᵀΦ, after finalize_features

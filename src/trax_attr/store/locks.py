@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .files import StoreBusyError, StoreCorruptedError, writing
+from .errors import StoreBusyError, StoreCorruptedError, writing
 
 __all__ = ["flock", "job_lock", "SKIP", "GO"]
 

@@ -1,7 +1,7 @@
 """What each metadata file of the store must hold, checked whenever one is read.
 
 A JSON file that parses but holds the wrong types (an edited value, another program's
-file) is refused here with :class:`~.files.StoreCorruptedError`, naming the file, the
+file) is refused here with :class:`~.errors.StoreCorruptedError`, naming the file, the
 entry and the fix, so that no caller meets a KeyError or a TypeError deep inside.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..settings import MAX_MODEL_ID
-from .files import StoreCorruptedError, repair_hint
+from .errors import StoreCorruptedError, repair_hint
 
 __all__ = ["check_store_meta", "check_model_meta", "check_experiment_meta", "is_record",
            "LEARNT"]

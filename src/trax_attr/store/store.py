@@ -23,12 +23,14 @@ Rules, and the fault each one answers:
 * A failed write (disk full, read-only or unwritable ``save_dir``) raises
   :class:`StoreWriteError` and leaves what is on disk as it was: readable and resumable.
 
-The layout is in :mod:`.layout`.
+The layout is in :mod:`.layout`. The :class:`Store` is made of :mod:`.settings_record`
+(``store.json``, the settings digest, repair) and :mod:`.experiments` (targets and scores),
+over one-file helpers: :mod:`.errors`, :mod:`.reading` (safe opens and reads),
+:mod:`.checksums` (records and row checks), :mod:`.writes` (atomic writes), :mod:`.locks`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -38,29 +40,20 @@ from typing import Any
 import numpy as np
 
 from ..hashing import digest
-from ..settings import Settings
-from .files import (StoreBusyError, StoreCorruptedError, StoreWriteError, create_zeros,
-                    load_array, open_file, open_memmap, present, read_json, read_verified, repair_hint,
-                    stage_array, verify_row_checks, write_flagged_rows, write_json_atomic,
-                    writing)
-from .layout import FORMAT_VERSION, check_model_id, check_name, model_id_of
+from .checksums import read_verified
+from .errors import StoreBusyError, StoreCorruptedError, StoreWriteError, repair_hint, writing
+from .experiments import ExperimentFiles
+from .layout import check_model_id, check_name, model_id_of
 from .locks import flock
-from .schema import check_experiment_meta, check_model_meta, check_store_meta
+from .reading import open_file, open_memmap, present, read_json
+from .schema import check_model_meta
+from .settings_record import SettingsRecord
+from .writes import RowArrays, create_zeros, stage_array, write_flagged_rows, write_json_atomic
 
 __all__ = ["Store", "StoreBusyError", "StoreWriteError", "StoreCorruptedError", "RowArrays"]
 
-_SETTINGS = tuple(f.name for f in dataclasses.fields(Settings))
 
-
-class RowArrays(dict):
-    """The memory-mapped row arrays of a checkpoint or of its targets, by name
-    (``grads``, ``out_to_loss``, ``check``, ``done``); :meth:`Store.write_rows` writes them."""
-
-    forget: Callable[[], None] | None = None  # drops the record of a finished array
-    salt: int = 0  # of the row checks (Store.row_salt)
-
-
-class Store:
+class Store(SettingsRecord, ExperimentFiles):
     """Files of one TRAK run.
 
     Args:
@@ -113,79 +106,6 @@ class Store:
         return self.lock("meta", shared=True, wait=True, reading=True)
 
     # --- configuration -------------------------------------------------------------------
-    def _digest(self) -> str:
-        return digest({key: self.config[key] for key in self._keys})
-
-    def _read_store_meta(self) -> None:
-        path = self.root / "store.json"
-        meta = check_store_meta(path, read_json(self._inside(path)), FORMAT_VERSION)
-        self.config, self._keys = meta["config"], sorted(meta["settings"]["keys"])
-        self.digest = self._digest()
-        if self.digest != meta["settings"]["digest"]:
-            raise StoreCorruptedError(
-                f"the settings in {str(path)!r} were changed after it was written (their "
-                f"digest is {self.digest}, {meta['settings']['digest']} was recorded): the "
-                "arrays of this store were computed with other settings. Restore store.json "
-                "from a backup (or from the save_dir this one was copied from).")
-        if set(_SETTINGS) <= set(self.config):
-            try:
-                Settings(**{key: self.config[key] for key in _SETTINGS})
-            except (TypeError, ValueError) as err:
-                raise StoreCorruptedError(f"{str(path)!r} holds invalid settings ({err}). "
-                                          + repair_hint(path)) from None
-
-    def _write_store_meta(self) -> None:
-        write_json_atomic(self.root / "store.json", {
-            "format": "trax_attr.store", "version": FORMAT_VERSION, "config": self.config,
-            "settings": {"keys": self._keys, "digest": self.digest}})
-
-    def _refuse_orphans(self) -> None:
-        held = [name for name in ("models", "experiments") if present(self.root / name)]
-        if held:
-            raise StoreCorruptedError(
-                f"save_dir {str(self.root)!r} holds {' and '.join(f'{h}/' for h in held)} but "
-                "no store.json: it was deleted or lost in a copy, so the settings its arrays "
-                "were computed with are unknown, and going on with other settings would give "
-                "wrong scores. Restore store.json from a backup (or from the save_dir this one "
-                f"was copied from), or run `trax-attr repair {self.root}` to rewrite it from "
-                "the settings every checkpoint recorded; or use another save_dir.")
-
-    @property
-    def train_set_size(self) -> int | None:
-        """n, where the settings hold it (checked when store.json is read)."""
-        n = self.config.get("train_set_size")
-        return n if isinstance(n, int) and not isinstance(n, bool) else None
-
-    def _stamp(self) -> dict[str, Any]:
-        """What every checkpoint and experiment records of the settings it was made with."""
-        return {"digest": self.digest, "values": {key: self.config[key] for key in self._keys}}
-
-    def check_config(self, config: dict[str, Any]) -> None:
-        """Refuse settings that differ from the stored ones; record new keys."""
-        config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
-
-        def diffs():
-            return [line for key, value in config.items() if key in self.config
-                    for line in _differences(key, self.config[key], value)]
-
-        def refuse(found):
-            raise ValueError(
-                f"save_dir {str(self.root)!r} was written with other settings ("
-                + "; ".join(found) + "). Use the stored settings to resume, or another save_dir "
-                "for a new run."
-            )
-
-        if found := diffs():
-            refuse(found)
-        if any(key not in self.config for key in config):
-            with self.lock("meta", wait=True):
-                self._read_store_meta()
-                if found := diffs():
-                    refuse(found)
-                new = {key: value for key, value in config.items() if key not in self.config}
-                if new:
-                    self.config.update(new)
-                    self._write_store_meta()
 
     # --- paths ---------------------------------------------------------------------------
     def _inside(self, path: Path) -> Path:
@@ -378,234 +298,7 @@ class Store:
     def write_rows(arrays: RowArrays, rows: np.ndarray, values: dict[str, np.ndarray],
                    flags: np.ndarray) -> None:
         """Write ``values[name][i]`` to row ``rows[i]`` of each array with their checks,
-        then mark the rows done (see :func:`.files.write_flagged_rows`)."""
+        then mark the rows done (see :func:`.writes.write_flagged_rows`)."""
         if getattr(arrays, "forget", None) is not None:
             arrays.forget()  # these rows change a finished array: its record goes
         write_flagged_rows(arrays, rows, values, flags)
-
-    # --- experiments ---------------------------------------------------------------------
-    def experiment_dir(self, name: str) -> Path:
-        return self._inside(self.root / "experiments" / check_name("exp_name", name))
-
-    def experiment_names(self) -> list[str]:
-        folder = self._inside(self.root / "experiments")
-        if not folder.is_dir():
-            return []
-        names = []
-        for p in folder.iterdir():
-            try:
-                check_name("exp_name", p.name)
-            except ValueError:
-                continue  # not a folder of ours
-            if present(p / "meta.json"):
-                names.append(p.name)
-        return sorted(names)
-
-    def experiment_meta(self, name: str) -> dict[str, Any] | None:
-        """The checked meta of experiment ``name``, None if it has none."""
-        path = self._inside(self.experiment_dir(name) / "meta.json")
-        if not present(path):
-            return None
-        return check_experiment_meta(path, read_json(path), self.digest)
-
-    def update_experiment_meta(self, name: str,
-                               update: Callable[[dict[str, Any] | None], dict[str, Any]]
-                               ) -> dict[str, Any]:
-        """Replace the meta of ``name`` by ``update(current or None)``, under the meta lock."""
-        with self.lock("meta", wait=True):
-            return self._update_experiment_meta(name, update)
-
-    def _update_experiment_meta(self, name, update):  # the caller holds the meta lock
-        meta = {**update(self.experiment_meta(name)), "settings": self._stamp()}
-        write_json_atomic(self.experiment_dir(name) / "meta.json", meta)
-        return meta
-
-    def add_to_experiment(self, name: str, model_id: int, num_targets: int) -> dict[str, Any]:
-        """Record that ``model_id`` scores the ``num_targets`` targets of experiment
-        ``name`` (created if absent); refuses another target count."""
-        def add(exp):
-            if exp is None:
-                exp = {"num_targets": int(num_targets), "model_ids": []}
-            elif exp["num_targets"] != num_targets:
-                raise ValueError(
-                    f"experiment {name!r} has num_targets={exp['num_targets']}, got "
-                    f"{num_targets}; use a new exp_name for another target set.")
-            if model_id not in exp["model_ids"]:
-                exp = {**exp, "model_ids": sorted(exp["model_ids"] + [int(model_id)])}
-            return exp
-
-        return self.update_experiment_meta(name, add)
-
-    def experiment_lock(self, name: str, *, shared: bool, doing: str):
-        """The lock of one experiment: shared to score, exclusive to finalize_scores."""
-        return self.lock(f"exp-{check_name('exp_name', name)}", shared=shared, busy=(
-            f"cannot {doing} experiment {name!r} in {str(self.root)!r}: another process is "
-            + ("finalizing its scores" if shared else "scoring or finalizing it")
-            + f" (it holds locks/exp-{name}.lock). Wait until that process is done, then call "
-            "again; finished rows are kept."))
-
-    def target_arrays(self, name: str, model_id: int, m: int, k: int,
-                      mode: str = "r+") -> RowArrays:
-        """The target rows of ``model_id`` in experiment ``name``: grads (m, k) f32, check
-        (m,) u8, done (m,) u1."""
-        folder = self.experiment_dir(name)
-        model_id = check_model_id(model_id)
-        self._check_complete(folder / f"{model_id}_done.npy",
-                             [folder / f"{model_id}_targets.npy", folder / f"{model_id}_check.npy"])
-        arrays = RowArrays(
-            grads=self.open_array(folder / f"{model_id}_targets.npy", (m, k), np.float32, mode),
-            check=self.open_array(folder / f"{model_id}_check.npy", (m,), np.uint64, mode),
-            done=self.open_array(folder / f"{model_id}_done.npy", (m,), np.uint8, mode))
-        arrays.forget = lambda: self._forget(name, f"{model_id}_targets.npy")
-        arrays.salt = self.row_salt(model_id, name)
-        return arrays
-
-    def _forget(self, name: str, file: str) -> None:
-        if file in (self.experiment_meta(name) or {}).get("arrays", {}):
-            self.update_experiment_meta(name, lambda meta: {
-                **meta, "arrays": {k: v for k, v in meta.get("arrays", {}).items() if k != file}})
-
-    def check_listed(self, name: str, meta: dict[str, Any]) -> None:
-        """Refuse target files of checkpoints that the experiment's meta does not list (the
-        list was edited): finalize_scores would silently leave them out."""
-        folder = self.experiment_dir(name)
-        found = set()
-        for p in folder.iterdir():
-            head, _, tail = p.name.partition("_")
-            if tail in ("targets.npy", "done.npy", "check.npy") and model_id_of(head) is not None:
-                found.add(int(head))
-        stray = sorted(found - set(meta["model_ids"]))
-        if stray:
-            raise StoreCorruptedError(
-                f"{str(folder)!r} holds target rows of model_ids {stray} that its meta.json "
-                f"does not list ({meta['model_ids']}): the metadata was edited or replaced. "
-                "Restore it, or delete the files of those checkpoints in that folder (their "
-                "targets are scored again by start_scoring_checkpoint and score).")
-
-    def experiment_rows(self, name: str, model_id: int, k: int) -> RowArrays:
-        """The target arrays of ``model_id`` in experiment ``name``, read-only."""
-        exp = self.experiment_meta(name)
-        if exp is None:
-            raise ValueError(f"exp_name={name!r} is not an experiment of this store; call "
-                             "start_scoring_checkpoint first.")
-        return self.target_arrays(name, model_id, exp["num_targets"], k, mode="r")
-
-    def finished_targets(self, name: str, model_id: int, m: int, k: int
-                         ) -> tuple[np.ndarray, dict[str, Any]]:
-        """``(targets (m, k) f32, record)`` of ``model_id`` in experiment ``name``: checked
-        against the record made when the experiment was first scored with them, or, the
-        first time, against their row checks (and then recorded: :meth:`finish_targets`).
-        Call under the exclusive :meth:`experiment_lock`."""
-        folder = self.experiment_dir(name)
-        file = f"{check_model_id(model_id)}_targets.npy"
-        path = self._inside(folder / file)
-        fix = (f"Delete {str(path)!r} and {str(folder / f'{model_id}_done.npy')!r}, then score "
-               f"model_id={model_id} in experiment {name!r} again.")
-        record = (self.experiment_meta(name) or {}).get("arrays", {}).get(file)
-        what = f"the targets of model_id={model_id} in experiment {name!r}"
-        self.target_arrays(name, model_id, m, k, mode="r")  # all there, shapes right
-        with open_file(path, fix=fix) as handle:
-            if record is not None:
-                return read_verified(handle, path, record, what, fix, (m, k), np.float32,
-                                     mode="load"), record
-            targets, found = load_array(handle, path, (m, k), np.float32, fix=fix)
-        checks = open_memmap(self._inside(folder / f"{model_id}_check.npy"), "r", (m,),
-                             np.uint64)
-        verify_row_checks(0, np.asarray(checks), [targets], what, fix,
-                          self.row_salt(model_id, name))
-        return targets, found
-
-    def finish_targets(self, name: str, records: dict[int, dict[str, Any]]) -> None:
-        """Record the target arrays ``{model_id: record}`` of ``name`` as finished (a
-        metadata write only where a record is new)."""
-        named = {f"{i}_targets.npy": record for i, record in records.items()}
-        held = (self.experiment_meta(name) or {}).get("arrays", {})
-        if any(held.get(file) != record for file, record in named.items()):
-            self.update_experiment_meta(name, lambda meta: {
-                **meta, "arrays": {**meta.get("arrays", {}), **named}})
-
-    def save_scores(self, name: str, scores: np.ndarray, info: dict[str, Any]) -> Path:
-        """Write scores.npy atomically and record its digest and ``info`` (the checkpoints
-        and λ used). Call under the exclusive :meth:`experiment_lock`."""
-        path = self._inside(self.experiment_dir(name) / "scores.npy")
-        tmp, record = stage_array(path, np.asarray(scores, np.float32))
-        self._publish({path: tmp}, lambda: self._update_experiment_meta(
-            name, lambda meta: {**meta, "scores": {**record, **info}}))
-        return path
-
-    def load_scores(self, name: str) -> np.ndarray:
-        """The finished scores (n_train, n_targets) f32 of ``name``, verified as read."""
-        path = self._inside(self.experiment_dir(name) / "scores.npy")
-        fix = f"Call finalize_scores(exp_name={name!r}) again to recompute them."
-        with self._reading():
-            meta = self.experiment_meta(name)
-            if meta is None:
-                raise ValueError(f"experiment {name!r} does not exist in {str(self.root)!r} "
-                                 f"(existing: {self.experiment_names()}).")
-            record = meta.get("scores")
-            if record is None:
-                raise ValueError(f"experiment {name!r} has no scores yet; call "
-                                 f"finalize_scores(exp_name={name!r}) first.")
-            handle = open_file(path, fix=fix)
-        n = self.train_set_size
-        with handle:
-            return read_verified(handle, path, record, f"scores of experiment {name!r}", fix,
-                                 None if n is None else (n, meta["num_targets"]), np.float32,
-                                 mode="load")
-
-    # --- repair --------------------------------------------------------------------------
-    @classmethod
-    def repair(cls, root: str | os.PathLike) -> str:
-        """Rewrite a lost ``store.json`` from the settings every checkpoint and experiment
-        of ``root`` recorded (they must all agree); what was done, in a sentence."""
-        root = Path(root)
-        if present(root / "store.json"):
-            raise ValueError(f"{str(root / 'store.json')!r} exists; there is nothing to "
-                             "repair (delete it first only if you know it is wrong).")
-        stamps, widths = {}, set()
-        for kind in ("models", "experiments"):
-            folder = root / kind
-            for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
-                path = sub / "meta.json"
-                if not present(path):
-                    continue
-                stamp = read_json(path).get("settings")
-                values = stamp.get("values") if isinstance(stamp, dict) else None
-                if not isinstance(values, dict) or digest(values) != stamp.get("digest"):
-                    raise StoreCorruptedError(f"{str(path)!r} holds no settings record that "
-                                              "matches its digest; it cannot vouch for the "
-                                              "settings. " + repair_hint(path))
-                stamps[str(path)] = (stamp["digest"], values)
-                if kind == "models" and present(sub / "grads.npy"):
-                    widths.add(open_memmap(sub / "grads.npy", "r").shape[1:])
-        if not stamps:
-            raise ValueError(f"{str(root)!r} holds no checkpoint or experiment metadata to "
-                             "rebuild store.json from; use another save_dir.")
-        digests = {d for d, _ in stamps.values()}
-        if len(digests) > 1 or len(widths) > 1:
-            raise StoreCorruptedError(
-                f"the checkpoints and experiments of {str(root)!r} were written with different "
-                f"settings ({sorted(digests)}) or feature widths ({sorted(widths)}); "
-                "store.json cannot be rebuilt. Restore it from a backup.")
-        values = next(iter(stamps.values()))[1]
-        config = dict(values)
-        if widths and "feature_dim" not in config:
-            config["feature_dim"] = int(next(iter(widths))[0])
-        store = cls.__new__(cls)
-        store.root, store._real_root = root, root.resolve()
-        store.config, store._keys = config, sorted(values)
-        store.digest = store._digest()
-        with store.lock("meta", wait=True):
-            store._write_store_meta()
-        return (f"rewrote {str(root / 'store.json')!r} from the settings recorded by "
-                f"{len(stamps)} checkpoints and experiments (digest {store.digest}).")
-
-
-def _differences(name: str, stored, given) -> list[str]:
-    """``"name: stored x, given y"`` for each differing entry, nested dicts by their keys."""
-    if stored == given:
-        return []
-    if isinstance(stored, dict) and isinstance(given, dict):
-        return [line for key in sorted(set(stored) | set(given))
-                for line in _differences(f"{name}.{key}", stored.get(key), given.get(key))]
-    return [f"{name}: stored {stored!r}, given {given!r}"]
