@@ -50,7 +50,7 @@ def cli_run(capsys, *argv):
 
 
 # --- 1. store.json lost or edited ------------------------------------------------------------
-def test_1_lost_or_edited_store_json_is_refused_and_repair_restores_it(
+def test_item_01_lost_or_edited_store_json_is_refused_and_repair_restores_it(
         tmp_path, data, linear_checkpoints, store, capsys):
     params = linear_checkpoints[:1]
     # featurized, store.json deleted, resumed with another seed: refused, not re-created
@@ -101,7 +101,7 @@ def test_1_lost_or_edited_store_json_is_refused_and_repair_restores_it(
 @pytest.mark.parametrize("relpath", ["experiments/test/scores.npy", "experiments/test/meta.json",
                                      "store.json", "models/0/meta.json", "models/0/grads.npy",
                                      "models/0/inverse.npy", "experiments/test/0_targets.npy"])
-def test_2_no_file_is_read_through_a_link_out_of_save_dir(store, tmp_path, relpath):
+def test_item_02_no_file_is_read_through_a_link_out_of_save_dir(store, tmp_path, relpath):
     folder, expected = store
     outside = tmp_path / "outside" / relpath.replace("/", "_")
     outside.parent.mkdir()
@@ -153,7 +153,7 @@ def _finalize(folder):
     ("experiments/test/scores.npy", "fifo", _load),
     ("models/0/grads.npy", "fifo", _finalize),
 ])
-def test_3_special_files_are_refused_without_hanging_or_eating_memory(store, relpath, special,
+def test_item_03_special_files_are_refused_without_hanging_or_eating_memory(store, relpath, special,
                                                                       call):
     folder, _ = store
     path = folder / relpath
@@ -171,7 +171,7 @@ def test_3_special_files_are_refused_without_hanging_or_eating_memory(store, rel
             call(folder)
 
 
-def test_3_metadata_larger_than_its_cap_is_not_read(store, monkeypatch):
+def test_item_03_metadata_larger_than_its_cap_is_not_read(store, monkeypatch):
     folder, _ = store
     meta = folder / "experiments" / "test" / "meta.json"
     monkeypatch.setattr(reading, "JSON_MAX_BYTES", meta.stat().st_size - 1)
@@ -180,7 +180,7 @@ def test_3_metadata_larger_than_its_cap_is_not_read(store, monkeypatch):
 
 
 # --- 4. a reader during a re-finalize -------------------------------------------------------------
-def test_4_a_reader_sees_the_old_or_the_new_scores_never_a_false_alarm(store):
+def test_item_04_a_reader_sees_the_old_or_the_new_scores_never_a_false_alarm(store):
     folder, first = store
     second = first + 1.0
     stop, errors, loads = threading.Event(), [], [0]
@@ -214,7 +214,7 @@ def test_4_a_reader_sees_the_old_or_the_new_scores_never_a_false_alarm(store):
     assert loads[0] > 20 and not errors, (loads, errors[:3], len(errors))
 
 
-def test_4_a_reader_of_the_inverse_during_a_refinalize_with_another_lambda(store):
+def test_item_04_a_reader_of_the_inverse_during_a_refinalize_with_another_lambda(store):
     folder, _ = store
     stop, errors, reads = threading.Event(), [], [0]
 
@@ -243,7 +243,7 @@ def test_4_a_reader_of_the_inverse_during_a_refinalize_with_another_lambda(store
 
 
 # --- 5. values without checksums -------------------------------------------------------------------
-def test_5_a_flipped_bit_in_finished_targets_is_caught(store):
+def test_item_05_a_flipped_bit_in_finished_targets_is_caught(store):
     folder, _ = store
     targets = folder / "experiments" / "test" / "0_targets.npy"
     flip_bit(targets, npy_offset(targets) + 4 * 5 + 3, 6)  # an exponent bit of one float
@@ -254,7 +254,7 @@ def test_5_a_flipped_bit_in_finished_targets_is_caught(store):
 
 @pytest.mark.parametrize("name, byte, bit", [("grads", 3, 6), ("grads", 0, 0),
                                              ("out_to_loss", 2, 7), ("done", 0, 0)])
-def test_5_damage_to_rows_being_written_is_caught_at_finalize(
+def test_item_05_damage_to_rows_being_written_is_caught_at_finalize(
         tmp_path, data, linear_checkpoints, name, byte, bit):
     (x, y), _ = data
     traker = make(tmp_path)
@@ -275,7 +275,7 @@ def test_5_damage_to_rows_being_written_is_caught_at_finalize(
         traker.finalize_features()
 
 
-def test_5_rescoring_rows_of_recorded_targets_is_not_a_false_alarm(store, data,
+def test_item_05_rescoring_rows_of_recorded_targets_is_not_a_false_alarm(store, data,
                                                                    linear_checkpoints):
     folder, expected = store
     traker = make(folder)
@@ -290,7 +290,7 @@ def test_5_rescoring_rows_of_recorded_targets_is_not_a_false_alarm(store, data,
 
 # --- 6. names --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["e\n", "test\n", "a\x00", "é"])
-def test_6_names_are_matched_whole(store, linear_checkpoints, name):
+def test_item_06_names_are_matched_whole(store, linear_checkpoints, name):
     folder, _ = store
     traker = make(folder)
     with pytest.raises(ValueError, match=r"is not a valid name"):
@@ -320,7 +320,7 @@ def _object_scores(folder):
     (lambda f: os.truncate(f / "models/0/done.npy", 100), "info"),
     (lambda f: (f / "experiments/test/meta.json").write_text('{"num_targets": []}'), "info"),
 ])
-def test_7_every_store_error_reaching_the_cli_is_one_line_and_status_2(store, capsys, damage,
+def test_item_07_every_store_error_reaching_the_cli_is_one_line_and_status_2(store, capsys, damage,
                                                                       command):
     folder, _ = store
     damage(folder)
@@ -333,7 +333,7 @@ def test_7_every_store_error_reaching_the_cli_is_one_line_and_status_2(store, ca
 
 
 # --- 8. info counts rows, not flag values ------------------------------------------------------------
-def test_8_info_counts_zeroed_rows_once(tmp_path, data, linear_checkpoints, capsys):
+def test_item_08_info_counts_zeroed_rows_once(tmp_path, data, linear_checkpoints, capsys):
     (x, y), _ = data
     x = x.copy()
     x[[3, 40], 0] = np.nan
@@ -348,7 +348,7 @@ def test_8_info_counts_zeroed_rows_once(tmp_path, data, linear_checkpoints, caps
 
 # --- 9. modes honour the umask ---------------------------------------------------------------------
 @pytest.mark.parametrize("umask", [0o022, 0o002])
-def test_9_files_honour_the_umask(tmp_path, data, linear_checkpoints, umask):
+def test_item_09_files_honour_the_umask(tmp_path, data, linear_checkpoints, umask):
     previous = os.umask(umask)
     try:
         run(make(tmp_path), linear_checkpoints[:1], data)
@@ -362,7 +362,7 @@ def test_9_files_honour_the_umask(tmp_path, data, linear_checkpoints, umask):
 
 
 # --- 10. batches ------------------------------------------------------------------------------------
-def test_10_batches_are_converted_and_checked_naming_the_array(tmp_path, data,
+def test_item_10_batches_are_converted_and_checked_naming_the_array(tmp_path, data,
                                                                linear_checkpoints):
     (x, y), _ = data
     params = linear_checkpoints[0]
@@ -394,7 +394,7 @@ def test_10_batches_are_converted_and_checked_naming_the_array(tmp_path, data,
 
 # --- 11. non-finite weights ----------------------------------------------------------------------------
 @pytest.mark.parametrize("nonfinite", ["raise", "zero"])
-def test_11_nonfinite_weights_are_refused_at_load_naming_the_leaf(tmp_path, linear_checkpoints,
+def test_item_11_nonfinite_weights_are_refused_at_load_naming_the_leaf(tmp_path, linear_checkpoints,
                                                                   nonfinite):
     params = {name: np.array(value) for name, value in linear_checkpoints[0].items()}
     params["w"][3, 4] = np.nan
@@ -409,7 +409,7 @@ def test_11_nonfinite_weights_are_refused_at_load_naming_the_leaf(tmp_path, line
 
 # --- 12. ranges of model_id and seed ---------------------------------------------------------------------
 @pytest.mark.parametrize("model_id", [2**32, -1, 1.5, "3", True, None])
-def test_12_model_id_is_range_checked(tmp_path, linear_checkpoints, model_id):
+def test_item_12_model_id_is_range_checked(tmp_path, linear_checkpoints, model_id):
     traker = make(tmp_path)
     with pytest.raises(ValueError, match=r"model_id must be a non-negative integer up to "
                                          r"4294967295"):
@@ -419,7 +419,7 @@ def test_12_model_id_is_range_checked(tmp_path, linear_checkpoints, model_id):
 
 
 @pytest.mark.parametrize("seed", [2**32, 2**64, -1, 1.5, "3", True])
-def test_12_seed_is_range_checked(tmp_path, seed):
+def test_item_12_seed_is_range_checked(tmp_path, seed):
     with pytest.raises(ValueError, match=r"seed must be a non-negative integer up to "
                                          r"4294967295"):
         make(tmp_path, seed=seed)
@@ -427,7 +427,7 @@ def test_12_seed_is_range_checked(tmp_path, seed):
 
 
 # --- 13. model_ids of finalize_scores ----------------------------------------------------------------------
-def test_13_model_ids_are_distinct_ids_or_one_id(store):
+def test_item_13_model_ids_are_distinct_ids_or_one_id(store):
     folder, expected = store
     traker = make(folder)
     with pytest.raises(ValueError, match=r"names a checkpoint twice"):
@@ -444,7 +444,7 @@ def test_13_model_ids_are_distinct_ids_or_one_id(store):
     (2**40 + 1, ValueError, r"train_set_size must be a positive integer up to 1099511627776"),
     (2**62, ValueError, r"train_set_size must be a positive integer up to 1099511627776"),
 ])
-def test_14_huge_train_set_sizes_give_the_store_errors(tmp_path, data, linear_checkpoints, n,
+def test_item_14_huge_train_set_sizes_give_the_store_errors(tmp_path, data, linear_checkpoints, n,
                                                        error, match):
     with pytest.raises(error, match=match) as info:
         traker = make(tmp_path, n=n)
@@ -454,7 +454,7 @@ def test_14_huge_train_set_sizes_give_the_store_errors(tmp_path, data, linear_ch
         assert not list((tmp_path / "models" / "0").glob("*.npy"))
 
 
-def test_14_a_full_disk_while_scores_are_written_is_a_store_error(store, monkeypatch):
+def test_item_14_a_full_disk_while_scores_are_written_is_a_store_error(store, monkeypatch):
     folder, expected = store
     traker = make(folder)
 
@@ -486,7 +486,7 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
-def test_14_a_real_4mib_device_filling_up_during_finalize_scores(small_tmpfs, finished):
+def test_item_14_a_real_4mib_device_filling_up_during_finalize_scores(small_tmpfs, finished):
     folder = copy_store(finished[0], small_tmpfs / "store")
     expected = finished[1]
     filler = small_tmpfs / "filler"
