@@ -507,6 +507,25 @@ def test_item_14_a_real_4mib_device_filling_up_during_finalize_scores(small_tmpf
     np.testing.assert_array_equal(make(folder).finalize_scores(exp_name="test"), expected)
 
 
+# --- beyond the fourteen: λ bound to its inverse ------------------------------------------------
+def test_an_edited_lambda_never_keeps_an_inverse_of_another_lambda(store):
+    folder, expected = store
+    path = folder / "models" / "0" / "meta.json"
+    meta = json.loads(path.read_text())
+    assert meta["arrays"]["inverse.npy"]["lambda"] == meta["lambda"]  # bound when written
+    meta["lambda"] = {**meta["lambda"], "lambda_reg": 5.0}
+    path.write_text(json.dumps(meta))
+    traker = make(folder)
+    match = r"records lambda=.*'lambda_reg': 5.0.*but inverse.npy was written for lambda="
+    with pytest.raises(StoreCorruptedError, match=match):  # would keep the inverse of λ = 0.01
+        traker.finalize_features(lambda_reg=5.0)
+    with pytest.raises(StoreCorruptedError, match=match):  # would report λ = 5
+        traker.finalize_scores(exp_name="test")
+    meta["lambda"]["lambda_reg"] = meta["arrays"]["inverse.npy"]["lambda"]["lambda_reg"]
+    path.write_text(json.dumps(meta))  # restored: as before
+    np.testing.assert_array_equal(make(folder).finalize_scores(exp_name="test"), expected)
+
+
 # --- the documentation -------------------------------------------------------------------------------
 def test_every_test_named_in_docs_guarantees_exists():
     import re

@@ -15,7 +15,7 @@ from typing import Any
 from ..settings import MAX_MODEL_ID
 from .errors import StoreCorruptedError, repair_hint
 
-__all__ = ["check_store_meta", "check_model_meta", "check_experiment_meta", "is_record",
+__all__ = ["BOUND", "check_store_meta", "check_model_meta", "check_experiment_meta", "is_record",
            "LEARNT"]
 
 _HEX = re.compile(r"[0-9a-f]{32}")
@@ -23,6 +23,12 @@ _HEX = re.compile(r"[0-9a-f]{32}")
 # what a TRAKer learns from the model and records in store.json beside the settings
 LEARNT = {"feature_dim": "a positive integer", "grad_dim": "a positive integer",
           "parameters": "a list of strings", "parameter_shapes": "a list of lists of integers"}
+
+
+# entries of a checkpoint's meta that describe one finished file, and that file: each is
+# copied into the file's record when it is written and must still equal it when read, so
+# an edited λ cannot make finalize_features keep an inverse computed with another λ
+BOUND = {"lambda": "inverse.npy"}
 
 
 def _bad(path: Path, entry: str, expected: str, value) -> StoreCorruptedError:
@@ -116,6 +122,15 @@ def check_model_meta(path: Path, meta: dict, digest: str) -> dict[str, Any]:
     _records(path, "'arrays'", meta, "arrays")
     if meta["finalized"] or "lambda" in meta:
         _lambda(path, "'lambda'", meta.get("lambda"))
+    if meta["finalized"]:
+        for key, file in BOUND.items():
+            held = (meta.get("arrays") or {}).get(file) or {}
+            if held.get(key) != meta.get(key):
+                hint = repair_hint(path)
+                raise StoreCorruptedError(
+                    f"{str(path)!r} records {key}={meta.get(key)!r}, but {file} was written "
+                    f"for {key}={held.get(key)!r}: the metadata was edited. Restore it, or "
+                    + hint[0].lower() + hint[1:])
     return meta
 
 

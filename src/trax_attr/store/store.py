@@ -46,7 +46,7 @@ from .experiments import ExperimentFiles
 from .layout import check_model_id, check_name, model_id_of
 from .locks import flock
 from .reading import open_file, open_memmap, present, read_json
-from .schema import check_model_meta
+from .schema import BOUND, check_model_meta
 from .settings_record import SettingsRecord
 from .writes import RowArrays, create_zeros, stage_array, write_flagged_rows, write_json_atomic
 
@@ -228,6 +228,10 @@ class Store(SettingsRecord, ExperimentFiles):
             for tmp in staged.values():
                 os.unlink(tmp)
             raise
+
+        for key, file in BOUND.items():  # e.g. λ goes into the record of inverse.npy too
+            if key in update and file in written:
+                written[file] = {**written[file], key: update[key]}
 
         def record():
             meta = self.model_meta(model_id)
