@@ -50,6 +50,11 @@ def clean(tmp_path_factory, digits, linear_checkpoints):
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     folders = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_dir())
     yield _Clean((folder, scores, files, folders, data, linear_checkpoints))
+
+
+def _write_report() -> None:
+    """Write the tally so far to ``TRAX_CORRUPTION_REPORT`` (after every example, so a long
+    run stopped early still says what it tried)."""
     report = os.environ.get("TRAX_CORRUPTION_REPORT")
     if report:
         Path(report).write_text(json.dumps(
@@ -105,9 +110,9 @@ def damage(folder: Path, outside: Path, clean, kind, pick, where, bit, value) ->
     _, _, files, folders, _, _ = clean
     if kind == "folder_outside":
         name = folders[pick % len(folders)]
-        if not (folder / name).exists():
-            return f"{kind} {name} (gone)"
-        target = outside / f"moved_{pick}"
+        if (folder / name).is_symlink() or not (folder / name).exists():
+            return f"{kind} {name} (gone, or a link already)"
+        target = outside / f"moved_{pick}_{len(list(outside.iterdir()))}"  # a new name
         shutil.move(folder / name, target)
         (folder / name).symlink_to(target)
         return f"{kind} {name}"
@@ -144,6 +149,8 @@ def damage(folder: Path, outside: Path, clean, kind, pick, where, bit, value) ->
             os.replace(tmp, folder / twin)
             name = f"{name}<->{twin}"
     elif kind in ("link_outside", "link_inside"):
+        if path.is_symlink():  # a link already (an earlier step): nothing new to link
+            return f"{kind} {name} (a link already)"
         target = (outside if kind == "link_outside" else folder) / f"copy_{pick}"
         shutil.copy(path, target)
         path.unlink()
@@ -228,5 +235,6 @@ def test_any_damage_gives_a_documented_error_or_the_clean_scores(clean, steps):
                 raise AssertionError(f"after {done}, {name} gave {type(err).__name__}: "
                                      f"{str(err)[:500]}") from err
             TALLY["outcomes"][(kinds, name, outcome)] += 1
+        _write_report()
     finally:
         shutil.rmtree(work, ignore_errors=True)
