@@ -32,7 +32,7 @@ def one_size(n: int, k: int, m: int, top_k: int, chunk: int, save_dir: str) -> d
     import jax.numpy as jnp
 
     import trax_attr
-    from trax_attr.store import write_rows
+    from trax_attr.store import row_checks, write_rows
 
     params = {"w": np.zeros((64, 10), np.float32), "b": np.zeros(10, np.float32)}
     traker = trax_attr.TRAKer(model=lambda p, x: x @ p["w"] + p["b"], train_set_size=n,
@@ -44,12 +44,17 @@ def one_size(n: int, k: int, m: int, top_k: int, chunk: int, save_dir: str) -> d
     t0 = time.perf_counter()
     arrays = traker.store.model_arrays(0, n, k)  # create the files, then write by rows
     del arrays
-    paths = {name: traker.store.array_path(0, name) for name in ("grads", "out_to_loss", "done")}
+    paths = {name: traker.store.array_path(0, name)
+             for name in ("grads", "out_to_loss", "check", "done")}
     rng = np.random.default_rng(0)
     for start in range(0, n, chunk):
         c = min(chunk, n - start)
-        write_rows(paths["grads"], start, rng.standard_normal((c, k), np.float32))
-        write_rows(paths["out_to_loss"], start, rng.uniform(0, 1, c).astype(np.float32))
+        grads = rng.standard_normal((c, k), np.float32)
+        q = rng.uniform(0, 1, c).astype(np.float32)
+        write_rows(paths["grads"], start, grads)
+        write_rows(paths["out_to_loss"], start, q)
+        write_rows(paths["check"], start, row_checks(np.arange(start, start + c), [grads, q],
+                                                     traker.store.row_salt(0)))
         write_rows(paths["done"], start, np.ones(c, np.uint8))
     t_featurize = time.perf_counter() - t0
     rss_featurize = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -61,9 +66,9 @@ def one_size(n: int, k: int, m: int, top_k: int, chunk: int, save_dir: str) -> d
 
     traker.start_scoring_checkpoint("bench", params, model_id=0, num_targets=m)
     targets = traker.store.target_arrays("bench", 0, m, k)
-    targets["grads"][:] = rng.standard_normal((m, k), np.float32)
-    targets["done"][:] = 1
-    targets["grads"].flush(), targets["done"].flush()
+    traker.store.write_rows(targets, np.arange(m), {"grads": rng.standard_normal((m, k),
+                                                                              np.float32)},
+                            np.ones(m, np.uint8))
     del targets
     t0 = time.perf_counter()
     top = traker.finalize_scores("bench", top_k=top_k)

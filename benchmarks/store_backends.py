@@ -9,7 +9,7 @@ order (finalize). Each backend stores one chunk per row chunk, uncompressed (gra
 projected to float32 do not compress), and every read is checked against what was
 written. Backends:
 
-* ``local store``: today's store, ``store.files.write_rows`` / ``read_rows`` into one
+* ``local store``: today's store, ``store.writes.write_rows`` / ``read_rows`` into one
   .npy (plain file IO, fsync after every chunk: its crash guarantee);
 * ``local, no fsync``: the same writes without the fsync (the cost of the guarantee);
 * ``tensorstore zarr3 file`` / ``memory``: tensorstore's zarr v3 driver on its file
@@ -39,7 +39,8 @@ MIB = 1 << 20
 
 
 def _local(directory: Path, n: int, k: int, chunk: int, sync: bool):
-    from trax_attr.store.files import read_rows, rows_layout, write_rows
+    from trax_attr.store.reading import read_rows, rows_layout
+    from trax_attr.store.writes import write_rows
 
     path = directory / "grads.npy"
     np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, k)).flush()

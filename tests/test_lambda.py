@@ -6,7 +6,7 @@ import pytest
 
 import trax_attr
 from conftest import linear_apply
-from trax_attr.store import files as store_files
+from trax_attr.store import checksums
 
 N, M, K = 200, 10, 48
 
@@ -63,7 +63,7 @@ def test_another_lambda_reuses_the_stored_xtx_without_reading_the_features(
     traker.finalize_features(lambda_reg=0.1)
     grads = str(traker.store.array_path(0, "grads"))
 
-    class NoRows(store_files.RowStream):
+    class NoRows(checksums.RowStream):
         def __init__(self, path):
             assert str(path) not in (grads,), "the features were read again"
             super().__init__(path)

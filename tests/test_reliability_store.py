@@ -14,7 +14,7 @@ import pytest
 
 import trax_attr
 from conftest import linear_apply
-from trax_attr.store import files as store_files
+from trax_attr.store import checksums, writes
 from trax_attr.store import store as store_module
 from trax_attr.store import Store, StoreBusyError, StoreWriteError
 
@@ -128,7 +128,7 @@ def test_crash_inside_finalize_features_never_leaves_a_used_half_array(
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # stands for a kill after half the rows
 
-    monkeypatch.setattr(store_files, "file_record", crash)
+    monkeypatch.setattr(writes, "file_record", crash)
     with pytest.raises(KeyboardInterrupt):
         traker.finalize_features()
     folder = tmp_path / "models" / "0"
@@ -187,7 +187,7 @@ def test_nothing_is_unpickled(finished, tmp_path, monkeypatch):
     # even with a matching record (an attacker who also edits the metadata)
     meta_path = folder / "experiments" / "test" / "meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["scores"].update(store_files.file_record(scores))
+    meta["scores"].update(checksums.file_record(scores))
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"not a plain .npy array.*nothing is unpickled"):
         Store(folder, {}).load_scores("test")

@@ -38,6 +38,7 @@ from .projection import projection_key
 from .projection import rademacher
 from .settings import Settings
 from .store import StoreBusyError
+from .store import StoreCorruptedError
 from .store import StoreWriteError
 from .tasks import CLIP
 from .tasks import TASKS
@@ -72,6 +73,7 @@ __all__ = [
     "Projector",
     "Settings",
     "StoreBusyError",
+    "StoreCorruptedError",
     "StoreWriteError",
     "TASKS",
     "TRAKer",

@@ -12,10 +12,13 @@ from __future__ import annotations
 import math
 import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["NonFiniteError", "NonFiniteWarning", "NONFINITE_MODES", "nonfinite_rows",
-           "check_nonfinite_mode", "as_batch", "batch_rows", "todo", "finish_rows"]
+           "check_nonfinite_mode", "as_batch", "check_batch", "check_finite_weights",
+           "batch_rows", "todo", "finish_rows"]
 
 NONFINITE_MODES = ("raise", "zero")
 
@@ -79,6 +82,109 @@ def as_batch(batch) -> tuple[np.ndarray, ...]:
             f"{[list(a.shape) for a in arrays]}."
         )
     return tuple(arrays)
+
+
+def _describe(batch) -> str:
+    return ", ".join(f"batch[{i}] {a.dtype}{list(a.shape)}" for i, a in enumerate(batch))
+
+
+def _kind(dtype: np.dtype) -> str:
+    return {"f": "floating", "c": "complex", "i": "integer", "u": "integer",
+            "b": "integer"}.get(dtype.kind, "floating" if dtype.name == "bfloat16" else dtype.kind)
+
+
+def _against_first(batch: tuple, first: tuple) -> list[tuple[str, bool]]:
+    """``(what differs, whether it is never legitimate)`` between ``batch`` and the first
+    batch, array by array. Another length along an axis may be fine (a sequence length);
+    another rank, or integers where the first batch held floats, never is."""
+    lines = []
+    for i, (a, (shape, dtype)) in enumerate(zip(batch, first)):
+        if a.shape[1:] != shape:
+            lines.append((f"batch[{i}] has per-example shape {list(a.shape[1:])} where the "
+                          f"first batch had {list(shape)}", len(a.shape[1:]) != len(shape)))
+        elif _kind(a.dtype) != _kind(dtype):
+            lines.append((f"batch[{i}] holds {_kind(a.dtype)} values ({a.dtype}) where the "
+                          f"first batch held {_kind(dtype)} ({dtype})", True))
+    return lines
+
+
+def check_batch(task, apply, params, state, batch: tuple, rows: np.ndarray,
+                seen: dict, *, traced: bool = True) -> None:
+    """The task's checks of ``batch`` (:meth:`ModelOutput.check_batch`), and the model
+    evaluated abstractly on it, with errors that name the arrays of the batch.
+
+    Args:
+      task: the :class:`~trax_attr.ModelOutput`; apply: ``apply(params, state, *inputs)``.
+      batch: host arrays (:func:`as_batch`); rows: ``(B,)`` their row numbers.
+      seen: the caller's memo, kept across batches: output shapes by input shapes, and the
+        per-example shapes and dtypes of the first batch that passed. A later batch whose
+        arrays change rank or kind of values (integers where the first had floats...), or
+        on which the model cannot run, is refused naming what differs from the first.
+      traced: whether ``apply`` is the model's JAX function (False for models whose
+        gradients come from the host, e.g. torch: the task's checks that need the output
+        shape are then skipped).
+    """
+    first = seen.get("first batch")
+    differs = [] if first is None or len(first) != len(batch) else _against_first(batch, first)
+    if any(never for _, never in differs):
+        raise ValueError("this batch does not match the first batch of this TRAKer: "
+                         + "; ".join(line for line, never in differs if never)
+                         + f" ({_describe(batch)}). Pass every batch with the same arrays, in "
+                         "the same order, as the first.")
+    failed = []
+
+    def output_shape(*inputs):
+        key = tuple((a.shape, a.dtype.str) for a in inputs)
+        if key not in seen:
+            try:
+                seen[key] = jax.eval_shape(apply, params, state, *inputs).shape
+            except Exception as err:  # the model's own error, named below with the batch
+                failed.append(err)
+                raise
+        return seen[key]
+
+    try:
+        task.check_batch(batch, rows, output_shape)
+    except Exception as err:
+        if not failed or err is not failed[0]:
+            raise
+    if failed and traced:
+        err = failed[0]
+        message = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"the model cannot run on this batch ({_describe(batch)}): "
+            f"{type(err).__name__}: {message[:300]}"
+            + (f". Against the first batch: {'; '.join(line for line, _ in differs)}"
+               if differs else "")
+            + ". Check the arrays' shapes and order against what the model takes (inputs "
+            "first, labels last for classification)."
+        ) from err
+    if first is None:
+        seen["first batch"] = tuple((a.shape[1:], a.dtype) for a in batch)
+
+
+def check_finite_weights(params, state, model_id: int) -> None:
+    """Refuse a checkpoint whose parameters or state hold NaN or Inf, naming the leaf:
+    every output (and gradient) would be non-finite, whatever the examples."""
+    for what, tree in (("parameter", params), ("state entry", state)):
+        leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+        for path, leaf in leaves:
+            dtype = getattr(leaf, "dtype", None)
+            if dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
+                                     or jnp.issubdtype(dtype, jnp.complexfloating)):
+                continue
+            finite = jnp.isfinite(leaf) if isinstance(leaf, jax.Array) else np.isfinite(
+                np.asarray(leaf, np.float32 if dtype.name == "bfloat16" else None))
+            bad = int(np.size(finite) - np.count_nonzero(np.asarray(finite)))
+            if bad:
+                index = np.unravel_index(int(np.argmin(np.asarray(finite).reshape(-1))),
+                                         np.shape(leaf))
+                raise ValueError(
+                    f"the checkpoint loaded as model_id={model_id} holds NaN or Inf in "
+                    f"{what} {jax.tree_util.keystr(path) or '(the root)'} ({bad} of "
+                    f"{np.size(finite)} values, e.g. at index {tuple(int(i) for i in index)}): "
+                    "every output and gradient would be non-finite, whatever the examples. "
+                    "Load a checkpoint saved before training diverged, or fix those weights.")
 
 
 def batch_rows(batch: tuple, inds, num_samples, cursor: int, limit: int,

@@ -4,9 +4,11 @@
     trax-attr info SAVE_DIR
     trax-attr top SAVE_DIR --exp NAME --target J [-k 10]
     trax-attr compare A B [--exp NAME] [--exp-b NAME] [-k 10]
+    trax-attr repair SAVE_DIR
 
-User mistakes (a missing store, an unknown experiment, a target out of range) end with one
-line on stderr that says the fix, and exit status 2.
+User mistakes (a missing store, an unknown experiment, a target out of range) and every
+store error (a corrupted or busy store, a failed write) end with one line on stderr that
+says the fix, and exit status 2.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,13 +35,11 @@ def _open_store(save_dir: str):
     from .store import Store
 
     root = Path(save_dir)
-    if not (root / "store.json").is_file():
+    if not os.path.lexists(root / "store.json") and not any(
+            os.path.lexists(root / name) for name in ("models", "experiments")):
         raise CLIError(f"no trax_attr store at {save_dir!r} (no store.json there); pass the "
                        "save_dir given to TRAKer, e.g. ./trak_results")
-    try:
-        return Store(root, {})
-    except ValueError as err:
-        raise CLIError(str(err)) from None
+    return Store(root, {})
 
 
 def _load_scores(store, exp: str | None) -> np.ndarray:
@@ -49,7 +50,7 @@ def _load_scores(store, exp: str | None) -> np.ndarray:
     if exp not in names:
         raise CLIError(f"experiment {exp!r} is not in {store.root} (experiments: "
                        f"{', '.join(names) or 'none'}); pass one of those to --exp")
-    if "scores" not in store.experiment_meta(exp):
+    if "scores" not in (store.experiment_meta(exp) or {}):
         raise CLIError(f"experiment {exp!r} has no scores yet; call "
                        f"traker.finalize_scores(exp_name={exp!r}) first")
     return store.load_scores(exp)
@@ -59,7 +60,7 @@ def info(save_dir: str, out=None) -> None:
     """Print what a store holds."""
     out = out or sys.stdout
     store = _open_store(save_dir)
-    n = int(store.config["train_set_size"])
+    n = store.train_set_size if store.train_set_size is not None else "?"
     config = dict(store.config)
     params = config.pop("parameters", None)
     print(f"store {store.root}", file=out)
@@ -154,6 +155,13 @@ def compare(a: str, b: str, exp: str | None, exp_b: str | None, k: int,
     print(agreement.table(), file=out)
 
 
+def repair(save_dir: str, out=None) -> None:
+    """Rewrite a lost store.json from the settings its checkpoints recorded."""
+    from .store import Store
+
+    print(Store.repair(save_dir), file=out or sys.stdout)
+
+
 # --- demo ------------------------------------------------------------------------------
 
 def demo(args) -> None:
@@ -221,11 +229,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exp", help="experiment of store A (and of B unless --exp-b)")
     p.add_argument("--exp-b", help="experiment of store B")
     p.add_argument("-k", type=int, default=10, help="k of the top-k overlap (default 10)")
+
+    p = sub.add_parser("repair", help="rewrite a lost store.json from the settings its "
+                                      "checkpoints recorded")
+    p.add_argument("save_dir")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0, or 2 for a user mistake)."""
+    """Run the command line; returns the exit status (0, or 2 for a user mistake or a
+    store error)."""
+    from .store import StoreBusyError
+
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
@@ -236,13 +251,23 @@ def main(argv: list[str] | None = None) -> int:
             top(args.save_dir, args.exp, args.target, args.k)
         elif args.command == "compare":
             compare(args.a, args.b, args.exp, args.exp_b, args.k)
-    except CLIError as err:
-        print(f"trax-attr: error: {err}", file=sys.stderr)
-        return 2
+        elif args.command == "repair":
+            repair(args.save_dir)
     except BrokenPipeError:  # output piped into `head`: stop quietly, as Unix tools do
         sys.stderr.close()
         return 0
+    except (CLIError, ValueError, StoreBusyError, OSError) as err:
+        # the store's errors (corrupted: a ValueError; busy; a failed read or write) say
+        # what to do; the demo's own failures keep their traceback
+        if args.command == "demo" and not isinstance(err, CLIError):
+            raise
+        print(f"trax-attr: error: {_one_line(err)}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

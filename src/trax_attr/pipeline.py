@@ -36,8 +36,9 @@ from .engine import TopK, fold_targets, inverse_gram, merge_topk, resolve_lambda
 from .engine.linalg import choose_solve
 from .engine.scores import select_top
 from .parallel import solve as sharded
-from .store import Store
-from .store.files import RowStream, read_rows, verify_file
+from .store import Store, StoreCorruptedError
+from .store.checksums import RowStream, verify_file, verify_row_checks
+from .store.reading import present, read_rows
 from .store.locks import job_lock
 
 __all__ = ["chunk_rows", "stream_gram", "stream_gram_sharded", "stream_fold", "stream_scores",
@@ -233,14 +234,63 @@ def _wanted(meta: dict, lambda_reg, rescale: bool) -> bool:
 def missing_rows(store: Store, model_id: int, n: int) -> tuple[list[int], int]:
     """(first few missing training rows, how many) of a checkpoint, read in chunks."""
     done = store.array_path(model_id, "done")
-    if not done.exists():
+    if not present(done):
         return list(range(min(n, 8))), n
     first, count = [], 0
     for start in range(0, n, _DONE_CHUNK):
-        left = np.flatnonzero(read_rows(done, start, start + _DONE_CHUNK) == 0)
+        flags = read_rows(done, start, start + _DONE_CHUNK)
+        if (flags > 2).any():
+            raise StoreCorruptedError(
+                f"{str(done)!r} holds done flags other than 0, 1 and 2 (e.g. row "
+                f"{int(np.argmax(flags > 2)) + start}); it is corrupted. Delete the folder "
+                f"{str(done.parent)!r} and featurize model_id={model_id} again.")
+        left = np.flatnonzero(flags == 0)
         count += left.size
         first.extend((left[: 8 - len(first)] + start).tolist())
     return first, count
+
+
+class _CheckedRows:
+    """The Φ rows of a checkpoint read by chunk, each chunk checked against the row checks
+    written with Φ and Q (:func:`~trax_attr.store.row_checks`). One process streams and
+    hashes the files as it reads them; with several, each reads its own rows and process
+    0 hashes the files in a second pass."""
+
+    def __init__(self, store: Store, model_id: int, n: int, k: int, streamed: bool):
+        shapes = {"grads": ((n, k), np.float32), "out_to_loss": ((n,), np.float32),
+                  "check": ((n,), np.uint64)}
+        self.paths = {name: store.array_path(model_id, name) for name in shapes}
+        self.what = f"the training rows of model_id={model_id}"
+        self.salt = store.row_salt(model_id)
+        self.fix = (f"Delete the folder {str(store.model_dir(model_id))!r} and featurize "
+                    f"model_id={model_id} again.")
+        self.streams = {}
+        try:
+            for name, shape in shapes.items():
+                if streamed:
+                    self.streams[name] = RowStream(self.paths[name], *shape)
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if self.streams:
+            parts = {name: s.read(start, stop) for name, s in self.streams.items()}
+        else:
+            parts = {name: read_rows(path, start, stop) for name, path in self.paths.items()}
+        verify_row_checks(start, parts["check"], [parts["grads"], parts["out_to_loss"]],
+                          self.what, self.fix, self.salt)
+        return parts["grads"]
+
+    def records(self) -> dict[str, dict]:
+        """The file records of grads.npy and out_to_loss.npy."""
+        streams = self.streams or {name: RowStream(self.paths[name])
+                                   for name in ("grads", "out_to_loss")}
+        return {f"{name}.npy": streams[name].record() for name in ("grads", "out_to_loss")}
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
 
 
 def finalize_features(store: Store, model_ids, *, n: int, k: int, lambda_reg, rescale: bool,
@@ -307,7 +357,7 @@ def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx
     else:
         # every process reads the whole done bitmap, so all raise the same error on
         # missing rows (none waits at a barrier for a process that has given up)
-        if store.array_path(model_id, "done").exists():  # shapes, dtypes, complete set
+        if present(store.array_path(model_id, "done")):  # shapes, dtypes, complete set
             store.model_arrays(model_id, n, k, mode="r")
         missing, count = missing_rows(store, model_id, n)
         if count:
@@ -315,20 +365,19 @@ def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx
                 f"model_id={model_id} is missing {count} of {n} training rows (e.g. "
                 f"{missing}); featurize them before finalize_features.")
         mine = parallel.process_rows(n)
-        one = jax.process_count() == 1
-        grads = RowStream(store.array_path(model_id, "grads")) if one else None
-        path = store.array_path(model_id, "grads")
-        read = grads.read if one else (lambda a, b: read_rows(path, a, b))
-        if solve == "sharded":
-            most = -(-n // jax.process_count())  # rows of the largest process
-            acc = stream_gram_sharded(read, mine, -(-most // chunk), chunk, smesh, lay, dtype)
-            gram = sharded.fetch(acc, lay, smesh)  # process 0's host, for xtx.npy
-        else:
-            gram = parallel.process_sum(stream_gram(read, mine, k, chunk, mesh, xtx_dtype))
-        if first:
-            q_path = store.array_path(model_id, "out_to_loss")
-            records = {"grads.npy": grads.record() if one else RowStream(path).record(),
-                       "out_to_loss.npy": RowStream(q_path).record()}
+        rows = _CheckedRows(store, model_id, n, k, streamed=jax.process_count() == 1)
+        try:
+            if solve == "sharded":
+                most = -(-n // jax.process_count())  # rows of the largest process
+                acc = stream_gram_sharded(rows.read, mine, -(-most // chunk), chunk, smesh,
+                                          lay, dtype)
+                gram = sharded.fetch(acc, lay, smesh)  # process 0's host, for xtx.npy
+            else:
+                gram = parallel.process_sum(stream_gram(rows.read, mine, k, chunk, mesh,
+                                                        xtx_dtype))
+            records = rows.records() if first else {}
+        finally:
+            rows.close()
     if solve == "sharded":
         a, value = sharded.inverse(acc, n, lambda_reg, smesh, lay,
                                    traker_inverse_rescale=rescale)
@@ -379,6 +428,7 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
         raise ValueError(
             f"experiment {exp_name!r} does not exist in {str(store.root)!r} (existing: "
             f"{store.experiment_names()}); call start_scoring_checkpoint first.")
+    store.check_listed(exp_name, exp)
     ids = exp["model_ids"] if model_ids is None else model_ids
     m = exp["num_targets"]
     used = []
@@ -398,7 +448,13 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
         used.append(model_id)
     if not used:
         raise ValueError(f"experiment {exp_name!r} has no checkpoint with all targets scored.")
-    lambdas = {model_id: store.model_meta(model_id).get("lambda") for model_id in used}
+    lambdas = {}
+    for model_id in used:
+        meta = store.model_meta(model_id)
+        if meta is None or not meta["finalized"]:
+            raise ValueError(f"model_id={model_id} of experiment {exp_name!r} is not finalized "
+                             f"in {str(store.root)!r}; call finalize_features() first.")
+        lambdas[model_id] = meta["lambda"]
     requests = {(lam["lambda_reg"], lam["traker_inverse_rescale"]) for lam in lambdas.values()}
     if len(requests) > 1:
         shown = ", ".join(f"model_id={i}: lambda_reg={lam['lambda_reg']!r}"
@@ -411,13 +467,16 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
     # T_m = A_m φ_mᵀ, A_m read by blocks of rows; with several processes each folds its
     # share of the k rows and the shares are gathered ((M, k, m) is small next to A).
     fold_rows = parallel.process_rows(k)
+    # targets checked against their record (or, the first time, their row checks)
+    targets = {i: store.finished_targets(exp_name, i, m, k) for i in used}
+    if jax.process_index() == 0:  # metadata is written by one process
+        store.finish_targets(exp_name, {i: record for i, (_, record) in targets.items()})
     parts = []
     for model_id in used:
-        targets = np.asarray(store.target_arrays(exp_name, model_id, m, k, mode="r")["grads"])
         store.finished(model_id, "inverse", (k, k), np.float32)  # verified, then read by rows
         path = store.model_dir(model_id) / "inverse.npy"
-        parts.append(stream_fold(lambda a, b, path=path: read_rows(path, a, b), targets,
-                                 fold_rows, chunk_rows(k)))
+        parts.append(stream_fold(lambda a, b, path=path: read_rows(path, a, b),
+                                 targets[model_id][0], fold_rows, chunk_rows(k)))
     folded = parallel.process_concat(np.stack(parts, axis=1)).transpose(1, 0, 2)
     del parts
     if count == 1:
@@ -436,11 +495,14 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
 
 def _score_streams(store, used, folded, n, chunk, mesh, top_k, target_chunk):
     """One process: every row, each file hashed as it is read and checked at the end."""
+    k = folded.shape[1]
     with contextlib.ExitStack() as streams:
-        train = [RowStream(store.array_path(i, "grads")) for i in used]
-        q = [RowStream(store.array_path(i, "out_to_loss")) for i in used]
-        for s in train + q:
-            streams.callback(s.close)
+        train, q = [], []
+        for i in used:  # each closed on the way out, even if a later one fails to open
+            train.append(streams.enter_context(contextlib.closing(
+                RowStream(store.array_path(i, "grads"), (n, k), np.float32))))
+            q.append(streams.enter_context(contextlib.closing(
+                RowStream(store.array_path(i, "out_to_loss"), (n,), np.float32))))
 
         def read_train(start, stop):
             return np.stack([s.read(start, stop) for s in train])

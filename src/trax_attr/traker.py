@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -165,6 +164,7 @@ class TRAKer:
 
     def _prepare(self, checkpoint, model_id: int) -> _Loaded:
         params, state = self.model.split(checkpoint)
+        batches.check_finite_weights(params, state, model_id)
         selection = select(params, self.grad_wrt)
         if self._featurizer is None:
             self._featurizer = Featurizer(self.task, self.model, selection, self.projector)
@@ -248,15 +248,8 @@ class TRAKer:
         """The task's checks of the batch, and the width of features learnt from it."""
         ckpt = loaded.checkpoint
         params = self._featurizer.selection.merge(ckpt.selected, ckpt.rest)
-
-        def output_shape(*inputs):
-            key = tuple((a.shape, a.dtype.str) for a in inputs)
-            if key not in self._shapes:
-                self._shapes[key] = jax.eval_shape(self.model.apply, params, ckpt.state,
-                                                   *inputs).shape
-            return self._shapes[key]
-
-        self.task.check_batch(batch, inds, output_shape)
+        batches.check_batch(self.task, self.model.apply, params, ckpt.state, batch, inds,
+                            self._shapes, traced=self.model.host_grads is None)
         if "feature_dim" not in self.store.config:  # a projector that traces the model
             info = self.projector.layer_info(self._featurizer, ckpt, batch)
             self.store.check_config({"feature_dim": self.projector.output_dim(info)})

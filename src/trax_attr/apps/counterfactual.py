@@ -33,7 +33,7 @@ def train_margins(keys, row_sets, train, targets, config: DemoConfig, bar: Bar) 
 
 
 def cached(path: Path, compute: Callable[[], dict]) -> dict:
-    from ..store.files import replace_file_atomic
+    from ..store.writes import replace_file_atomic
 
     if path.exists():
         with np.load(path, allow_pickle=False) as cached:

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from ..hashing import digest
-from ..store.files import replace_file_atomic
+from ..store.writes import replace_file_atomic
 
 __all__ = ["MLP", "train_nnx_models", "nnx_margins", "subset_retraining", "check_key"]
 

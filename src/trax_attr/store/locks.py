@@ -9,12 +9,14 @@ process 0, for all its processes (:func:`job_lock`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .files import StoreBusyError, writing
+from .errors import StoreBusyError, StoreCorruptedError, writing
 
 __all__ = ["flock", "job_lock", "SKIP", "GO"]
 
@@ -24,18 +26,29 @@ SKIP, GO, BUSY, FAILED = 0, 1, 2, 3
 
 @contextlib.contextmanager
 def flock(path: Path, *, shared: bool = False, wait: bool = False,
-          busy: str = "") -> Iterator[None]:
+          busy: str = "", reading: bool = False) -> Iterator[bool]:
     """Hold the flock(2) lock of file ``path`` (created empty) for the ``with`` block.
 
     Args:
       shared: many shared holders may coexist; an exclusive holder is alone.
       wait: block until the lock is free; otherwise raise :class:`StoreBusyError` with
         ``busy`` as its message.
+      reading: a reader's shared lock: where the lock file cannot be created or written
+        (a read-only store, another user's), it is opened read-only, and where it does not
+        exist and cannot be made, no lock is held (nobody can be writing there). Yields
+        whether a lock is held.
     """
-    with writing(path, "a lock file"):
-        path.parent.mkdir(exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = _open_lock(path, reading)
+    if fd is None:
+        yield False
+        return
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreCorruptedError(
+                f"{str(path)!r} is not a regular file ({oct(stat.S_IFMT(info.st_mode))}); "
+                "lock files are empty regular files. Delete it (no process of this store "
+                "must be running): it is created again.")
         flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
         try:
             fcntl.flock(fd, flags)
@@ -43,9 +56,32 @@ def flock(path: Path, *, shared: bool = False, wait: bool = False,
             raise StoreBusyError(
                 busy or f"{str(path)!r} is held by another process; retry when it is done."
             ) from None
-        yield
+        yield True
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _open_lock(path: Path, reading: bool) -> int | None:
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        path.parent.mkdir(exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)
+    except OSError as err:
+        failed = err
+    if failed.errno != errno.ELOOP and reading and failed.errno in (
+            errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT):
+        try:
+            return os.open(path, os.O_RDONLY | flags)
+        except FileNotFoundError:
+            return None  # a read-only store without this lock file: nobody writes there
+        except OSError as err:
+            failed = err
+    if failed.errno == errno.ELOOP:
+        raise StoreCorruptedError(
+            f"{str(path)!r} is a symbolic link; the store follows no link. Delete it (no "
+            "process of this store must be running): it is created again.")
+    with writing(path, "a lock file"):
+        raise failed
 
 
 @contextlib.contextmanager
