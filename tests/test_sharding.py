@@ -167,7 +167,9 @@ def test_top_k_merged_over_processes_is_sorting_the_dense_scores(process_runs, n
     k = r["proponents"].shape[1]
     np.testing.assert_array_equal(r["proponents"], np.argsort(-scores, axis=0, kind="stable")[:k].T)
     np.testing.assert_array_equal(r["opponents"], np.argsort(scores, axis=0, kind="stable")[:k].T)
-    np.testing.assert_allclose(r["opponent_scores"], np.sort(scores, axis=0)[:k].T, rtol=1e-6)
+    # the top-k and the dense path sum the same products in other orders (float32)
+    np.testing.assert_allclose(r["opponent_scores"], np.sort(scores, axis=0)[:k].T, rtol=1e-5)
+    np.testing.assert_allclose(r["proponent_scores"], -np.sort(-scores, axis=0)[:k].T, rtol=1e-5)
 
 
 def test_stream_scores_top_k_against_numpy():
