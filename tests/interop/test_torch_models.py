@@ -133,17 +133,19 @@ def test_compare_against_scipy():
         interop.compare(a, b[:, :3])
 
 
-def test_unconvertible_module_points_to_torch_backend(tmp_path):
-    class Recurrent(nn.Module):
+def test_unconvertible_module_points_to_torch_backend():
+    class RunningMax(nn.Module):  # cummax: outside the converted op table
         def __init__(self):
             super().__init__()
-            self.rnn = nn.GRU(4, 4, batch_first=True)
+            self.fc = nn.Linear(4, 3)
 
         def forward(self, x):
-            return self.rnn(x)[0][:, -1]
+            return self.fc(x.cummax(-1)[0])
 
-    with pytest.raises(interop.UnsupportedOpError, match='GRU.*backend="torch"'):
-        trax_attr.TRAKer(model=Recurrent(), train_set_size=4, save_dir=tmp_path)
+    model = interop.torch_model(RunningMax(), "converted")  # exported when first applied
+    x, y = np.ones((2, 4), np.float32), np.zeros(2, np.int32)
+    with pytest.raises(interop.UnsupportedOpError, match='(?s)cummax.*backend="torch"'):
+        trax_attr.featurize(model, None, (x, y))
 
 
 def test_dlpack_hand_over_shares_memory():
