@@ -55,7 +55,7 @@ def solve_checks(root):
     """The sharded kernels on 8 devices against single-device and float64 host results."""
     import warnings
 
-    from trax_attr import pipeline
+    from trax_attr import streams
     from trax_attr.engine import linalg
     from trax_attr.parallel import solve
 
@@ -67,10 +67,10 @@ def solve_checks(root):
     assert list(mesh.devices.flat) == devices and mesh.axis_names == ("gram",)
     lay = solve.layout(k, mesh.size)
     out = {"layout": np.array(lay[:3])}
-    acc = pipeline.stream_gram_sharded(lambda a, b: x[a:b], range(n), -(-n // 64), 64, mesh,
+    acc = streams.stream_gram_sharded(lambda a, b: x[a:b], range(n), -(-n // 64), 64, mesh,
                                        lay)
     out["gram_sharded"] = solve.fetch(acc, lay, mesh)
-    out["gram_one"] = pipeline.stream_gram(lambda a, b: x[a:b], range(n), k, 64,
+    out["gram_one"] = streams.stream_gram(lambda a, b: x[a:b], range(n), k, 64,
                                            parallel.default_mesh(jax.devices()[:1]))
     gram64 = x.astype(np.float64).T @ x
     out["gram64"] = gram64

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from trax_attr import parallel, pipeline
+from trax_attr import parallel, streams
 from trax_attr.store import Store, read_rows, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,10 +183,10 @@ def test_stream_scores_top_k_against_numpy():
     read_f = lambda a, b: feats[:, a:b]  # noqa: E731
     read_w = lambda a, b: weights[a:b]  # noqa: E731
     folded = targets.transpose(0, 2, 1)  # A = I: the targets folded with the identity
-    dense = pipeline.stream_scores(read_f, read_w, folded, n, 100, mesh)
+    dense = streams.stream_scores(read_f, read_w, folded, n, 100, mesh)
     expected = np.einsum("ank,amk->nm", feats.astype(np.float64), targets) * weights[:, None]
     _close(dense, expected, 1e-5)
-    top = pipeline.stream_scores(read_f, read_w, folded, n, 100, mesh, top_k=5, target_chunk=7)
+    top = streams.stream_scores(read_f, read_w, folded, n, 100, mesh, top_k=5, target_chunk=7)
     np.testing.assert_array_equal(top.proponents, np.argsort(-expected, 0)[:5].T)
     np.testing.assert_array_equal(top.opponents, np.argsort(expected, 0)[:5].T)
     _close(top.opponent_scores, np.sort(expected, 0)[:5].T, 1e-5)
@@ -197,7 +197,7 @@ def test_stream_scores_top_k_against_numpy():
 def test_stream_gram_against_numpy(dtype):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(301, 12)).astype(np.float32)
-    gram = pipeline.stream_gram(lambda a, b: x[a:b], range(7, 301), 12, 50,
+    gram = streams.stream_gram(lambda a, b: x[a:b], range(7, 301), 12, 50,
                                 parallel.default_mesh(), dtype)
     assert gram.dtype == dtype
     ref = x[7:].astype(np.float64).T @ x[7:].astype(np.float64)

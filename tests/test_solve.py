@@ -4,7 +4,7 @@ Gauss-Jordan against LAPACK, the path chosen by memory, row ranges of the score 
 import numpy as np
 import pytest
 
-from trax_attr import parallel, pipeline
+from trax_attr import parallel, streams
 from trax_attr.engine import linalg
 from trax_attr.parallel import solve
 
@@ -21,7 +21,7 @@ def test_gauss_jordan_inverse_against_lapack(k, block):
     x, gram = _gram(0, 3 * k, k)
     mesh = solve.solve_mesh(parallel.default_mesh())
     lay = solve.layout(k, mesh.size, block)
-    acc = pipeline.stream_gram_sharded(lambda a, b: x[a:b], range(len(x)), -(-len(x) // 40),
+    acc = streams.stream_gram_sharded(lambda a, b: x[a:b], range(len(x)), -(-len(x) // 40),
                                        40, mesh, lay)
     np.testing.assert_allclose(solve.fetch(acc, lay, mesh), gram, rtol=1e-5,
                                atol=1e-5 * np.abs(gram).max())
@@ -71,15 +71,15 @@ def test_stream_scores_of_a_row_range_are_those_rows_of_all():
     folded = rng.normal(size=(2, k, m)).astype(np.float32)
     mesh = parallel.default_mesh()
     args = (lambda a, b: feats[:, a:b], lambda a, b: weights[a:b], folded, n, 64, mesh)
-    dense = pipeline.stream_scores(*args)
-    part = pipeline.stream_scores(*args, rows=range(100, 250))
+    dense = streams.stream_scores(*args)
+    part = streams.stream_scores(*args, rows=range(100, 250))
     np.testing.assert_allclose(part, dense[100:250], rtol=1e-6, atol=1e-7)
-    top = pipeline.stream_scores(*args, top_k=4, rows=range(100, 250))
+    top = streams.stream_scores(*args, top_k=4, rows=range(100, 250))
     np.testing.assert_array_equal(top.proponents, 100 + np.argsort(-dense[100:250], 0)[:4].T)
-    empty = pipeline.stream_scores(*args, top_k=4, rows=range(5, 5))
+    empty = streams.stream_scores(*args, top_k=4, rows=range(5, 5))
     assert empty.proponents.shape == (m, 0)
     # one process: the merge over processes is the identity
-    assert pipeline.merge_process_topk(top, 4) is top
+    assert streams.merge_process_topk(top, 4) is top
 
 
 def test_stream_fold_by_row_blocks_equals_the_whole_fold():
@@ -87,9 +87,9 @@ def test_stream_fold_by_row_blocks_equals_the_whole_fold():
     a = rng.normal(size=(70, 70)).astype(np.float32)
     targets = rng.normal(size=(5, 70)).astype(np.float32)
     whole = np.asarray(parallel.fold(a[None], targets[None]))[0]
-    blocks = pipeline.stream_fold(lambda s, e: a[s:e], targets, range(70), 16)
+    blocks = streams.stream_fold(lambda s, e: a[s:e], targets, range(70), 16)
     np.testing.assert_allclose(blocks, whole, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(pipeline.stream_fold(lambda s, e: a[s:e], targets,
+    np.testing.assert_allclose(streams.stream_fold(lambda s, e: a[s:e], targets,
                                                     range(20, 45), 16), whole[20:45],
                                rtol=1e-5, atol=1e-5)
 

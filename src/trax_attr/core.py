@@ -5,8 +5,8 @@
 
 Both are jittable (a torch model on the torch route computes its gradients outside JAX:
 call ``featurize`` outside jit then). :func:`trak_scores` runs the very kernels of the
-TRAKer's store path (:mod:`trax_attr.pipeline`) over the same chunks in the same order, so
-on the same mesh it gives the TRAKer's scores to float32 rounding of nothing but the
+TRAKer's store path (:mod:`trax_attr.streams`, driven by :mod:`trax_attr.pipeline`) over
+the same chunks in the same order, so on the same mesh it gives the TRAKer's scores to float32 rounding of nothing but the
 inverse's callback (see tests/test_closed_form.py).
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import parallel, pipeline
+from . import parallel, streams
 from .engine import Featurizer, features, host_features, prepare, row_weights
 from .engine.linalg import AUTO, check_lambda, choose_solve, inverse, inverse_gram, resolve_lambda
 from .parallel import solve as sharded
@@ -126,7 +126,7 @@ def _inverse_f64(x, n, chunk, lambda_reg, rescale):
     """XᵀX accumulated in float64 on the host (as the store path does) and its inverse."""
     def host(rows):
         rows = np.asarray(rows)
-        gram = pipeline.stream_gram(lambda a, b: rows[a:b], range(n), rows.shape[1], chunk,
+        gram = streams.stream_gram(lambda a, b: rows[a:b], range(n), rows.shape[1], chunk,
                                     None, np.float64)
         value = resolve_lambda(lambda_reg, gram, n)
         a = inverse_gram(gram, value, traker_inverse_rescale=rescale)
@@ -163,7 +163,7 @@ def trak_scores(train_features: jax.Array, out_to_loss: jax.Array, target_featur
     targets = jnp.asarray(target_features, jnp.float32)
     count, n, k = train.shape
     m = targets.shape[1]
-    gram_chunk = pipeline.chunk_rows(k, 1, chunk_rows)
+    gram_chunk = streams.chunk_rows(k, 1, chunk_rows)
     solve = choose_solve(solve, k, xtx_dtype)
     inverses = []
     for i in range(count):
@@ -177,8 +177,8 @@ def trak_scores(train_features: jax.Array, out_to_loss: jax.Array, target_featur
                            traker_inverse_rescale=traker_inverse_rescale)
         inverses.append(a)
     folded = parallel.fold(jnp.stack(inverses), targets)
-    chunk = pipeline.chunk_rows(k, count, chunk_rows)
-    rows, cols = pipeline.score_shapes(chunk, m, mesh)
+    chunk = streams.chunk_rows(k, count, chunk_rows)
+    rows, cols = streams.score_shapes(chunk, m, mesh)
     folded = jnp.pad(folded, [(0, 0), (0, 0), (0, cols - m)])
     weights = _chunks(row_weights(jnp.asarray(out_to_loss, jnp.float32)), chunk, rows)
     blocks = jax.vmap(lambda t: _chunks(t, chunk, rows))(train)        # (M, C, rows, k)
