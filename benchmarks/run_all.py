@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-FULL = ["featurize_vs_traker.py", "featurize_dtype.py", "projection_roofline.py",
+FULL = ["fresh_process.py", "featurize_vs_traker.py", "featurize_dtype.py",
+        "projection_roofline.py",
         "structured.py", "scale.py", "lds_digits.py", "end_to_end.py"]
 QUICK = ["featurize_vs_traker.py", "projection_roofline.py", "lds_digits.py", "end_to_end.py"]
 
