@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-FULL = ["featurize_vs_traker.py", "featurize_dtype.py", "projection_roofline.py",
-        "structured.py", "scale.py", "lds_digits.py", "lambda_auto.py", "lambda_grid.py", "end_to_end.py"]
+FULL = ["fresh_process.py", "featurize_vs_traker.py", "featurize_dtype.py",
+        "projection_roofline.py", "structured.py", "scale.py", "lds_digits.py",
+        "lambda_auto.py", "lambda_grid.py", "end_to_end.py"]
 QUICK = ["featurize_vs_traker.py", "projection_roofline.py", "lds_digits.py", "lambda_auto.py",
          "end_to_end.py"]
 

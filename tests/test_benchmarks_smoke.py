@@ -54,3 +54,17 @@ def test_run_all_quick():
         for m in ("glibc default", "fixed mmap threshold")}
     assert set(out["memory"]) == {f"{lib}, {m}" for lib in ("trax_attr", "traker 0.3.2")
                                   for m in ("glibc default", "fixed mmap threshold")}
+
+
+def test_fresh_process_quick():
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fresh_process.py"), "--quick"],
+                   check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+                   timeout=300)
+    (row,) = json.loads((ROOT / "benchmarks/results/fresh_process_quick.json").read_text())["rows"]
+    phases = ("featurize", "finalize_features", "score", "finalize_scores")
+    for lib in ("trax_attr", "traker 0.3.2"):
+        assert all(row["best_s"][lib][p] > 0 for p in phases)
+        assert row["best_s"][lib]["process_s"] > row["best_s"][lib]["total"]
+    assert all(row["bound_s"][p] > 0 for p in phases)
+    assert row["rates"]["dot_float32_flops"] > 0 and row["rates"]["dot_bfloat16_flops"] > 0
+    assert row["rates"]["xtx_flops"] > 0 and row["rates"]["inverse_s"] > 0

@@ -72,10 +72,37 @@ def test_automatic_blocks_grow_with_the_batch_within_bounds():
 
 
 def test_cache_respects_budget():
-    proj = trax_attr.rademacher(128, max_cache_bytes=1000 * 128 * 2 - 1)   # bf16: 2 bytes
+    size = projection.storage_dtype(jnp.bfloat16).itemsize   # 2, or 4 on CPUs without bf16
+    proj = trax_attr.rademacher(128, max_cache_bytes=1000 * 128 * size - 1)
     assert trax_attr.projection_cache(proj, trax_attr.projection_key(0, 0), (1000,)) is None
-    assert trax_attr.projection_cache(dataclasses.replace(proj, max_cache_bytes=1000 * 128 * 2),
-                                      trax_attr.projection_key(0, 0), (1000,)) is not None
+    cache = trax_attr.projection_cache(
+        dataclasses.replace(proj, max_cache_bytes=1000 * 128 * size),
+        trax_attr.projection_key(0, 0), (1000,))
+    assert cache is not None and cache[0].dtype == projection.storage_dtype(jnp.bfloat16)
+
+
+def test_kept_matrix_is_stored_in_float32_only_on_cpus_without_bf16():
+    assert projection.storage_dtype(jnp.float32, "cpu") == jnp.float32
+    assert projection.storage_dtype(jnp.bfloat16, "gpu") == jnp.bfloat16
+    assert projection.storage_dtype(jnp.bfloat16, "cpu") in (jnp.bfloat16, jnp.float32)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "normal"])
+def test_kept_and_regenerated_bfloat16_matrix_give_the_same_features(distribution):
+    """The kept P (float32 storage where the CPU has no bf16 dot) holds the bfloat16
+    entries themselves: features agree with the regenerated path to float32 summation."""
+    proj = getattr(trax_attr, distribution)(128, max_cache_bytes=0)
+    key = trax_attr.projection_key(1, 2)
+    grads = leaves(jax.random.key(3), (700, 5, 300), batch=16)
+    regenerated = trax_attr.project(proj, key, grads)
+    cache = trax_attr.projection_cache(dataclasses.replace(proj, max_cache_bytes=1 << 24),
+                                       key, (700, 5, 300))
+    kept = trax_attr.project(proj, key, grads, cache)
+    np.testing.assert_allclose(kept, regenerated, rtol=1e-5, atol=1e-5)
+    # and both are the bfloat16 product: round g to bf16, times P's bf16 entries
+    p = np.asarray(trax_attr.materialize(proj, key, 1005), np.float32)
+    g = np.concatenate([np.asarray(x.astype(jnp.bfloat16), np.float32) for x in grads], 1)
+    np.testing.assert_allclose(kept, g @ p / np.sqrt(1005), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("proj", RANDOM)

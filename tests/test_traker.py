@@ -1,5 +1,6 @@
 """The TRAKer workflow over the store: resume, partial batches, settings, experiments."""
 
+import os
 import warnings
 
 import jax.numpy as jnp
@@ -202,6 +203,32 @@ def test_inverse_gram_matches_numpy_inverse():
     np.testing.assert_allclose(a, np.linalg.inv(gram + 0.5 * np.eye(8)), rtol=1e-10)
     rescaled = trax_attr.inverse_gram(gram, 0.5, traker_inverse_rescale=True)
     np.testing.assert_allclose(np.abs(rescaled).mean(), 1.0)
+
+
+def test_inverse_gram_caps_the_host_blas_threads_while_it_runs(monkeypatch):
+    threadpoolctl = pytest.importorskip("threadpoolctl", reason="the cap needs threadpoolctl")
+    import scipy.linalg
+
+    from trax_attr.engine import linalg
+
+    seen = []
+    potrf = scipy.linalg.lapack.dpotrf
+
+    def spy(*args, **kwargs):
+        seen.append([i["num_threads"] for i in threadpoolctl.threadpool_info()
+                     if i["user_api"] == "blas"])
+        return potrf(*args, **kwargs)
+
+    monkeypatch.setattr(linalg, "blas_threads", lambda: 1)
+    monkeypatch.setattr(scipy.linalg.lapack, "dpotrf", spy)
+    before = [i["num_threads"] for i in threadpoolctl.threadpool_info()
+              if i["user_api"] == "blas"]
+    trax_attr.inverse_gram(np.eye(4) * 2.0, 0.5)
+    assert seen and all(n == 1 for n in seen[0])
+    after = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    assert after == before  # restored
+    monkeypatch.undo()  # the real rule: half this process's CPUs, at least one
+    assert linalg.blas_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
 
 
 def test_inverse_gram_singular_falls_back_to_the_pseudo_inverse():

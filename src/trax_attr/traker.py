@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import batches, parallel, pipeline
-from .engine import Checkpoint, Featurizer, host_features, prepare
+from .engine import Checkpoint, Featurizer, Resident, host_features, prepare
 from .engine.linalg import AUTO, check_lambda
 from .gradients import GradWrt, select
 from .hashing import fingerprint
@@ -140,6 +140,7 @@ class TRAKer:
         self._train_cursor = 0
         self._scoring: dict[str, Any] | None = None
         self._shapes: dict = {}
+        self._resident = Resident()  # batch sizes compiled; the last checkpoint's P
 
     # --- checkpoints ---------------------------------------------------------------------
     @property
@@ -177,7 +178,7 @@ class TRAKer:
             self.store.check_config(learned)
         else:
             self._featurizer.selection.check_same(selection)
-        ckpt = prepare(self._featurizer, params, state, self.seed, model_id)
+        ckpt = prepare(self._featurizer, params, state, self.seed, model_id, cache=False)
         return _Loaded(model_id, ckpt, fingerprint(params, state))
 
     def load_checkpoint(self, checkpoint, model_id: int) -> None:
@@ -222,8 +223,7 @@ class TRAKer:
         if self._loaded is None:
             raise ValueError("no checkpoint is loaded: call load_checkpoint(checkpoint, "
                              "model_id) before featurize.")
-        loaded = self._loaded
-        batch = batches.as_batch(batch)
+        loaded, batch = self._loaded, batches.as_batch(batch)
         inds = batches.batch_rows(batch, inds, num_samples, self._train_cursor,
                                   self.train_set_size, "training")
         with self.store.model_lock(loaded.model_id, shared=True, doing="featurize"):
@@ -255,11 +255,13 @@ class TRAKer:
             self.store.check_config({"feature_dim": self.projector.output_dim(info)})
 
     def _features(self, loaded: _Loaded, work: tuple) -> dict[str, Any]:
-        padded = parallel.pad_batch(work, parallel.batch_shards(self.mesh))
+        padded = parallel.pad_batch(work, self._resident.pad_size(
+            len(work[0]), parallel.batch_shards(self.mesh)))
+        ckpt = self._resident.checkpoint(self._featurizer, loaded.checkpoint, loaded.model_id)
         if self.model.host_grads is None:
-            phi, q = parallel.featurize(self._featurizer, self.mesh, loaded.checkpoint, padded)
+            phi, q = parallel.featurize(self._featurizer, self.mesh, ckpt, padded)
         else:  # gradients from the host (torch); only their projection is jitted
-            phi, q = host_features(self._featurizer, loaded.checkpoint, padded)
+            phi, q = host_features(self._featurizer, ckpt, padded)
         return {"grads": phi, "out_to_loss": q}
 
     # --- finalize features ---------------------------------------------------------------

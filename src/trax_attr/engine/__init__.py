@@ -9,12 +9,13 @@
 both call those wrappers.
 """
 
-from .featurize import Checkpoint, Featurizer, features, host_features, prepare
+from .featurize import Checkpoint, Featurizer, Resident, bucket, features, host_features, prepare
 from .linalg import (AUTO, IllConditionedWarning, check_lambda, gram_block, inverse,
                      inverse_gram, resolve_lambda)
 from .scores import TopK, fold_targets, merge_topk, row_weights, score_block, topk_block
 
-__all__ = ["AUTO", "Checkpoint", "Featurizer", "IllConditionedWarning", "TopK",
+__all__ = ["AUTO", "Checkpoint", "Featurizer", "IllConditionedWarning", "Resident", "TopK",
+           "bucket",
            "check_lambda", "features", "fold_targets", "gram_block", "host_features",
            "inverse", "inverse_gram", "merge_topk", "prepare", "resolve_lambda",
            "row_weights", "score_block", "topk_block"]

@@ -20,7 +20,11 @@ from ..models import Model
 from ..projection import Projector, projection_key
 from ..tasks import ModelOutput
 
-__all__ = ["Featurizer", "Checkpoint", "features", "host_features", "prepare"]
+__all__ = ["Featurizer", "Checkpoint", "Resident", "features", "host_features", "prepare",
+           "bucket"]
+
+# A batch is padded to an already compiled size at most this many times its own size.
+_MAX_PADDING = 4
 
 
 class Featurizer(NamedTuple):
@@ -50,11 +54,56 @@ class Checkpoint(NamedTuple):
     cache: Any
 
 
-def prepare(f: Featurizer, params, state, seed: int, model_id: int) -> Checkpoint:
-    """The :class:`Checkpoint` of ``params``/``state`` under checkpoint id ``model_id``."""
+def prepare(f: Featurizer, params, state, seed: int, model_id: int, *,
+            cache: bool = True) -> Checkpoint:
+    """The :class:`Checkpoint` of ``params``/``state`` under checkpoint id ``model_id``;
+    with ``cache=False`` without the projector's cache (the caller adds it, e.g. one
+    shared by every checkpoint object of this id: it depends on the key alone)."""
     selected, rest = f.selection.split(params)
     key = projection_key(seed, model_id)
-    return Checkpoint(selected, rest, state, key, f.projector.cache(key, f.selection.sizes))
+    return Checkpoint(selected, rest, state, key,
+                      f.projector.cache(key, f.selection.sizes) if cache else None)
+
+
+def bucket(size: int, compiled, multiple: int = 1) -> int:
+    """The batch size to pad ``size`` examples to, so that few shapes are ever compiled.
+
+    The smallest size in ``compiled`` (those already used) that holds ``size`` rows and
+    is at most 4x larger; else ``size`` itself when nothing is compiled yet (the first
+    batch: later full batches reuse it, a last partial one is padded to it), else the
+    next power of two. Always a multiple of ``multiple`` (the mesh's batch shards).
+    Padding costs the padded rows' compute; a new shape costs a compile (seconds).
+    """
+    size = max(int(size), 1)
+    fits = [c for c in compiled if size <= c <= _MAX_PADDING * size]
+    if fits:
+        return min(fits)
+    chosen = size if not compiled else 1 << (size - 1).bit_length()
+    return -(-chosen // multiple) * multiple
+
+
+class Resident:
+    """What a TRAKer keeps between batches: the batch sizes already compiled (one program
+    per bucket, :func:`bucket`) and one projector cache, that of the last checkpoint id
+    (P depends on the id alone: shared by featurize and score, replaced, not added to)."""
+
+    def __init__(self):
+        self.sizes: set[int] = set()
+        self._kept: tuple = (None, None)  # (model_id, projector cache)
+
+    def pad_size(self, size: int, multiple: int = 1) -> int:
+        """The bucket ``size`` rows are padded to (:func:`bucket`), now compiled."""
+        chosen = bucket(size, self.sizes, multiple)
+        self.sizes.add(chosen)
+        return chosen
+
+    def checkpoint(self, f: Featurizer, checkpoint: Checkpoint, model_id: int) -> Checkpoint:
+        """``checkpoint`` (prepared with ``cache=False``) with checkpoint ``model_id``'s
+        projector cache, made once and kept until another id comes."""
+        if self._kept[0] != model_id:
+            self._kept = (None, None)  # free the old P before making the new one
+            self._kept = (model_id, f.projector.cache(checkpoint.key, f.selection.sizes))
+        return checkpoint._replace(cache=self._kept[1])
 
 
 def features(f: Featurizer, checkpoint: Checkpoint, batch: tuple, *, col_start=0,

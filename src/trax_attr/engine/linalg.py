@@ -23,7 +23,9 @@ with ``jax_enable_x64``). Which path runs is :func:`choose_solve`'s documented t
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
 
 import jax
@@ -32,9 +34,32 @@ import numpy as np
 import scipy.linalg
 
 __all__ = ["IllConditionedWarning", "gram_block", "inverse_gram", "inverse",
-           "resolve_lambda", "check_lambda", "CONDITION_WARN", "AUTO", "SOLVES",
+           "resolve_lambda", "check_lambda", "blas_threads", "CONDITION_WARN", "AUTO", "SOLVES",
            "HOST_SOLVE_LIMIT", "host_solve_bytes", "choose_solve", "check_solve", "gram_rows",
            "pivot_inverse", "sweep_rows", "condition_warning", "singular_message"]
+
+
+def blas_threads() -> int:
+    """Threads the host BLAS may use for the float64 inverse: half this process's CPUs,
+    at least one. A multi-threaded OpenBLAS next to XLA's threads (or other processes)
+    spins for cores it does not get: on 2 shared cores under load, k = 2048 took 1.9 s
+    with one thread and 8.7 s with two (``docs/speed.md``)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 2
+    return max(1, cpus // 2)
+
+
+def _capped_blas():
+    """A context capping the host BLAS at :func:`blas_threads` (threadpoolctl, installed
+    with the ``fast`` extra or scikit-learn); without threadpoolctl, no cap (set
+    ``OPENBLAS_NUM_THREADS`` yourself)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=blas_threads(), user_api="blas")
 
 AUTO = "auto"
 # Above this estimate of cond(XᵀX + λI), float32 features lose most of their digits.
@@ -94,14 +119,19 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
 
     Warns with :class:`IllConditionedWarning` when the matrix is ill-conditioned; falls
     back to the pseudo-inverse (with a warning) when it is not positive definite, which
-    happens with λ = 0 and fewer training rows than k.
+    happens with λ = 0 and fewer training rows than k. The host BLAS runs on at most
+    :func:`blas_threads` threads meanwhile.
 
     Args:
       gram: ``(k, k)`` XᵀX (any float dtype).
       lambda_reg: λ ≥ 0, a number (resolve ``"auto"`` first with :func:`resolve_lambda`).
       traker_inverse_rescale: divide A by mean|A| as traker 0.3.2 does.
     """
-    gram = np.asarray(gram, np.float64)
+    with _capped_blas():
+        return _inverse_gram(np.asarray(gram, np.float64), lambda_reg, traker_inverse_rescale)
+
+
+def _inverse_gram(gram: np.ndarray, lambda_reg: float, traker_inverse_rescale: bool):
     k = gram.shape[0]
     reg = gram.copy()
     reg[np.diag_indices(k)] += lambda_reg
@@ -115,12 +145,12 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
         warnings.warn(singular_message(lambda_reg) + "; using its pseudo-inverse. Set "
                       "lambda_reg > 0 (e.g. 'auto', or 1e-3 × the mean diagonal of XᵀX) or "
                       "featurize more training examples than proj_dim.",
-                      IllConditionedWarning, stacklevel=3)
+                      IllConditionedWarning, stacklevel=4)  # under _capped_blas
         inverse = np.linalg.pinv(reg, hermitian=True)
         inverse = (inverse + inverse.T) / 2
     else:
         condition_warning(float(diag.min()), float(diag.max()), lambda_reg,
-                          float(np.trace(gram) / k))
+                          float(np.trace(gram) / k), stacklevel=5)
         # potri overwrites the lower triangle only; the upper one holds the zeros that
         # clean=1 left in the factor, so the full inverse is L + Lᵀ, diagonal counted once
         lower, info = scipy.linalg.lapack.dpotri(chol, lower=1, overwrite_c=1)

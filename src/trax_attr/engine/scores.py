@@ -47,6 +47,7 @@ def fold_targets(inverse: jax.Array, targets: jax.Array) -> jax.Array:
                       precision=_HIGHEST)
 
 
+@jax.jit
 def row_weights(out_to_loss: jax.Array) -> jax.Array:
     """w = mean_m(Q_m) / M ``(c,) f32`` of ``out_to_loss (M, c)``: the per-row factor
     that turns Σ_m scores into mean_m(scores) · mean_m(Q)."""

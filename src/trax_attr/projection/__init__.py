@@ -12,14 +12,15 @@ from __future__ import annotations
 import jax
 
 from .base import LayerInfo, Projector, projection_key
-from .dense import DenseProjector, IdentityProjector, identity, normal, rademacher
+from .dense import (DenseProjector, IdentityProjector, identity, normal, rademacher,
+                    storage_dtype)
 from .generators import GENERATORS
 from .kronecker import KroneckerProjector, kronecker
 
 __all__ = ["Projector", "LayerInfo", "DenseProjector", "IdentityProjector",
            "KroneckerProjector", "rademacher", "normal", "identity", "kronecker",
            "get_projector", "projection_key", "project", "projection_cache", "materialize",
-           "matrix_block", "PROJECTORS", "GENERATORS"]
+           "matrix_block", "storage_dtype", "PROJECTORS", "GENERATORS"]
 
 PROJECTORS = {"rademacher": rademacher, "normal": normal, "identity": identity}
 

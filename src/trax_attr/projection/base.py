@@ -76,6 +76,12 @@ class Projector(Protocol):
 
 def projection_key(seed: int, model_id: int) -> jax.Array:
     """The key of checkpoint ``model_id``'s matrix: fold_in(key(seed), model_id)."""
+    # one compiled program for any seed and id (eagerly, key and fold_in compile four)
+    return _projection_key(np.uint32(seed), np.uint32(model_id))
+
+
+@jax.jit
+def _projection_key(seed, model_id):
     return jax.random.fold_in(jax.random.key(seed), model_id)
 
 

@@ -3,11 +3,18 @@
 P (d, k) for checkpoint m is a pure function of ``key = fold_in(key(seed), m)`` and of the
 entry's (row, column) (:mod:`.generators`), so it is the same matrix on every backend, for
 every batch size, block size and device count, and any block of it can be made inside
-``jit`` without the rest. ``project`` regenerates P block by block for every batch, each
-block multiplied into the gradient's matching rows before the next is made, so neither P
-nor the ``(B, d)`` gradient is ever formed whole (``benchmarks/featurize_dtype.py``,
-``benchmarks/projection_roofline.py``). Keeping P instead (``max_cache_bytes``, off by
-default) measured no faster here.
+``jit`` without the rest.
+
+Two ways to apply it, the same matrix either way:
+
+* kept (default when P fits ``max_cache_bytes``, 1 GiB): :meth:`DenseProjector.cache`
+  makes P once per checkpoint, split by parameter leaf, and every batch costs one dot per
+  leaf. A hashed entry costs as much as hundreds of multiply-adds on a CPU with a fast
+  bfloat16 dot, so at batches of a few hundred regenerating P would cost more than the
+  product itself.
+* regenerated (P too large to keep): block by block inside the featurize kernel, each
+  block multiplied into the gradient's matching rows before the next is made, so neither
+  P nor the ``(B, d)`` gradient is ever formed whole.
 
 Kinds:
 
@@ -15,13 +22,17 @@ Kinds:
 * :func:`normal`: P_ij ~ N(0, 1);
 * :func:`identity`: no projection, P = I and k = d; always float32.
 
-``dtype`` is the compute dtype of the projection matmul; accumulation is float32.
-bfloat16 is the fast path (about twice the float32 matmul rate here); float32 the exact one.
+``dtype`` is the compute dtype of the projection matmul: the gradient is rounded to it,
+products are exact and accumulation is float32. bfloat16 is the fast path; float32 the
+exact one. A kept bfloat16 P is stored in float32 on CPUs without a native bfloat16 dot
+(no AVX512-BF16 or AMX): the rounded gradient times P is then the same product, computed
+at the machine's faster float32 rate (:func:`storage_dtype`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -32,18 +43,45 @@ from ..gradients import per_example_grads
 from .base import LayerInfo, check_compute_dtype, check_positive_int, inverse_sqrt
 from .generators import GENERATORS, matrix_block as _matrix_block
 
-__all__ = ["DenseProjector", "IdentityProjector", "rademacher", "normal", "identity"]
+__all__ = ["DenseProjector", "IdentityProjector", "rademacher", "normal", "identity",
+           "storage_dtype", "DEFAULT_MAX_CACHE_BYTES"]
 
-# Rows of P generated per block: 16 per example of the batch, at least 1024 and at most
-# 16M entries. The block is written, then read by the dot: at small batches it should
-# stay in the caches, at large ones the dot wants a long contraction. Measured on 2 cores
-# (bfloat16, k 512 to 8192): batch 32 to 128 run fastest at about 1024 rows (2.0x the
-# earlier fixed 16M-entry blocks at d = 1e5, k = 512, batch 32), batch 256 at about 4096
-# and batch 1024 with the whole leaf as one block.
+# Rows of P generated per block when P is regenerated: 16 per example of the batch, at
+# least 1024 and at most 16M entries. The block is written, then read by the dot: at small
+# batches it should stay in the caches, at large ones the dot wants a long contraction.
+# Measured on 2 cores (bfloat16, k 512 to 8192): batch 32 to 128 run fastest at about 1024
+# rows, batch 256 at about 4096 and batch 1024 with the whole leaf as one block.
 _MIN_BLOCK_ROWS = 1024
 _ROWS_PER_EXAMPLE = 16
 _MAX_BLOCK_ENTRIES = 1 << 24
-DEFAULT_MAX_CACHE_BYTES = 0     # regenerate: as fast, and no memory (see above)
+# P kept per checkpoint up to this many bytes (in its storage dtype): d·k up to 5e8 in
+# bfloat16 (d = 260k at k = 2048), half that where it is stored in float32.
+DEFAULT_MAX_CACHE_BYTES = 1 << 30
+# CPU flags of a native bfloat16 dot (x86: AVX512-BF16 or AMX; Arm: BF16)
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def _cpu_has_bf16_dot() -> bool:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return any(flag in line.split() for flag in _BF16_FLAGS)
+    return False
+
+
+def storage_dtype(compute_dtype, platform: str | None = None) -> np.dtype:
+    """The dtype a kept P is stored in for ``compute_dtype`` on ``platform`` (default:
+    JAX's default backend): the compute dtype, except bfloat16 and float16 on CPUs
+    without a native bfloat16 dot, where float32 holds the same values and multiplies
+    faster (measured on AMD Zen 3: bf16 inputs 38, f32 47 GFLOP per CPU-second)."""
+    dtype = jnp.dtype(compute_dtype)
+    platform = jax.default_backend() if platform is None else platform
+    if dtype == jnp.float32 or platform != "cpu" or _cpu_has_bf16_dot():
+        return dtype
+    return jnp.dtype(jnp.float32)
 
 
 class _GradientProjector:
@@ -71,8 +109,8 @@ class DenseProjector(_GradientProjector):
       proj_dim: k.
       dtype: name of the compute dtype of the matmul (``"bfloat16"`` or ``"float32"``).
       block_rows: rows of P generated at once (``None``: sized to the batch).
-      max_cache_bytes: largest P, in bytes of ``dtype``, kept per checkpoint instead of
-        regenerated per batch (default 0: always regenerate).
+      max_cache_bytes: largest P, in bytes of its :func:`storage_dtype`, kept per
+        checkpoint instead of regenerated per batch (default 1 GiB; 0: always regenerate).
       generator: ``"hash"``, ``"threefry"`` or ``"rbg"`` (see :mod:`.generators`).
     """
 
@@ -111,14 +149,18 @@ class DenseProjector(_GradientProjector):
     def materialize(self, key, grad_dim: int) -> jax.Array:
         return self.matrix_block(key, 0, grad_dim)
 
+    def cache_bytes(self, grad_dim: int) -> int:
+        """Bytes of P ``(d, k)`` kept in its :func:`storage_dtype`."""
+        return int(grad_dim) * int(self.proj_dim) * storage_dtype(self.dtype).itemsize
+
     def cache(self, key, leaf_sizes: tuple[int, ...]):
-        """P split by parameter leaf, ``((size_l, k), ...)``, or ``None`` when it exceeds
-        ``max_cache_bytes`` (then :meth:`project` regenerates blocks per batch)."""
-        d = int(sum(leaf_sizes))
-        nbytes = d * int(self.proj_dim) * jnp.dtype(self.dtype).itemsize
-        if nbytes > self.max_cache_bytes:
+        """P split by parameter leaf, ``((size_l, k), ...)`` in :func:`storage_dtype`, or
+        ``None`` when it exceeds ``max_cache_bytes`` (then :meth:`project` regenerates
+        blocks per batch). Made by one jitted program, compiled once per leaf layout."""
+        sizes = tuple(int(s) for s in leaf_sizes)
+        if self.cache_bytes(sum(sizes)) > self.max_cache_bytes:
             return None
-        return _build_cache(self, key, tuple(int(s) for s in leaf_sizes))
+        return _build_cache(self, storage_dtype(self.dtype).name, key, sizes)
 
     def project(self, key, grads, cache=None, *, col_start=0, num_cols=None):
         """φ = Pᵀ g / √d ``(B, num_cols) f32`` of gradients ``((B, size_l), ...)``.
@@ -128,45 +170,40 @@ class DenseProjector(_GradientProjector):
           grads: the per-example gradient split by parameter leaf; d = Σ size_l. The
             ``(B, d)`` gradient is never concatenated.
           cache: optional :meth:`cache` of the same key and leaf sizes (only the columns
-            ``col_start + [0, num_cols)`` of it when those are given).
+            ``col_start + [0, num_cols)`` of it when those are given: a proj-sharded
+            kernel receives the cache column-sliced).
           col_start, num_cols: only these columns of φ (``col_start`` may be traced); this
             is how proj_dim is split over devices. Default: all k.
         """
         sizes = [g.shape[1] for g in grads]
         d = sum(sizes)
         dtype = jnp.dtype(self.dtype)
+        if cache is not None:
+            return _dot_leaves(grads, cache, dtype) * inverse_sqrt(d)
         rows = self.rows_per_block(d, grads[0].shape[0])
         num_cols = int(self.proj_dim) if num_cols is None else num_cols
-        acc = jnp.zeros((grads[0].shape[0], num_cols), jnp.float32)
+        acc = None
         offset = 0
-        for i, g in enumerate(grads):
-            cached = None if cache is None else cache[i]
-            acc = acc + self._project_leaf(key, g.astype(dtype), offset, rows, cached,
-                                           col_start, num_cols)
-            offset += sizes[i]
+        for g, size in zip(grads, sizes):
+            part = self._project_leaf(key, g.astype(dtype), offset, rows, col_start, num_cols)
+            acc = part if acc is None else acc + part
+            offset += size
         return acc * inverse_sqrt(d)
 
-    def _project_leaf(self, key, g, offset: int, rows: int, cached, col_start, num_cols):
-        """g (B, size) @ P[offset:offset+size, cols] -> (B, num_cols) f32, one block of
-        rows at a time.
+    def _project_leaf(self, key, g, offset: int, rows: int, col_start, num_cols):
+        """g (B, size) @ P[offset:offset+size, cols] -> (B, num_cols) f32, one generated
+        block of rows at a time.
 
-        Blocks come from ``cached`` (this leaf's rows of P, already restricted to the
-        requested columns: a proj-sharded kernel receives the cache column-sliced) or are
-        generated for those columns. Blocking also keeps each matmul's contraction short,
-        which XLA's CPU dot runs markedly faster (measured: 2x at d = 1M) than one dot
-        over the whole leaf.
+        Blocking also keeps each matmul's contraction short, which XLA's CPU dot runs
+        markedly faster (measured: 2x at d = 1M) than one dot over the whole leaf.
         """
         size = g.shape[1]
         full, rem = divmod(size, rows)
 
-        def block_of(start, num):
-            if cached is None:
-                return self.matrix_block(key, offset + start, num, col_start, num_cols)
-            return jax.lax.dynamic_slice_in_dim(cached, start, num, axis=0)
-
         def product(i, num):
             g_block = jax.lax.dynamic_slice_in_dim(g, i * rows, num, axis=1)
-            return jnp.dot(g_block, block_of(i * rows, num), preferred_element_type=jnp.float32)
+            block = self.matrix_block(key, offset + i * rows, num, col_start, num_cols)
+            return _dot(g_block, block)
 
         # The sum starts from a product with g, not from zeros: inside shard_map the
         # loop's carry must vary over the devices exactly as g does.
@@ -174,31 +211,42 @@ class DenseProjector(_GradientProjector):
         if full > 1:
             acc = jax.lax.fori_loop(1, full, lambda i, acc: acc + product(i, rows), acc)
         if full and rem:
-            acc = acc + jnp.dot(g[:, full * rows:], block_of(full * rows, rem),
-                                preferred_element_type=jnp.float32)
+            acc = acc + _dot(g[:, full * rows:],
+                             self.matrix_block(key, offset + full * rows, rem, col_start,
+                                               num_cols))
         return acc
 
 
-@jax.jit(static_argnums=(0, 2))
-def _build_cache(projector: DenseProjector, key, leaf_sizes):
-    rows = projector.rows_per_block(sum(leaf_sizes))
+def _dot(x, p):
+    """x (B, s) @ p (s, c) -> (B, c) f32; float32 inputs at full float32 precision (the
+    exact path, also on accelerators whose default f32 dot rounds its inputs)."""
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    return jnp.dot(x, p, preferred_element_type=jnp.float32, precision=precision)
+
+
+def _dot_leaves(grads, cache, dtype):
+    """Σ_l round(g_l) @ P_l ``(B, c) f32``: one dot per leaf with the kept blocks of P.
+
+    The gradient is rounded to the compute ``dtype`` first, then widened to the storage
+    dtype of P if that differs (float32 on CPUs without a bfloat16 dot): exact products
+    of the same bfloat16 values either way.
+    """
+    acc = None
+    for g, p in zip(grads, cache):
+        x = g.astype(dtype)
+        if x.dtype != p.dtype:
+            x = x.astype(p.dtype)
+        part = _dot(x, p)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+@jax.jit(static_argnums=(0, 1, 3))
+def _build_cache(projector: DenseProjector, stored: str, key, leaf_sizes):
     offsets = np.cumsum((0,) + leaf_sizes)
-    out = []
-    for i, size in enumerate(leaf_sizes):
-        full, rem = divmod(size, rows)
-        leaf = jnp.zeros((size, projector.proj_dim), jnp.dtype(projector.dtype))
-
-        def body(j, leaf, start=int(offsets[i])):
-            block = projector.matrix_block(key, start + j * rows, rows)
-            return jax.lax.dynamic_update_slice_in_dim(leaf, block, j * rows, axis=0)
-
-        if full:
-            leaf = jax.lax.fori_loop(0, full, body, leaf)
-        if rem:
-            leaf = leaf.at[full * rows:].set(
-                projector.matrix_block(key, int(offsets[i]) + full * rows, rem))
-        out.append(leaf)
-    return tuple(out)
+    # generated in the compute dtype (normal entries rounded to it), then stored
+    return tuple(projector.matrix_block(key, int(offsets[i]), size).astype(stored)
+                 for i, size in enumerate(leaf_sizes))
 
 
 @dataclasses.dataclass(frozen=True)
