@@ -56,6 +56,16 @@ _TRAKER_ARGUMENTS = {
 }
 
 
+def _learned(selection, params, projector) -> dict:
+    """What the first checkpoint teaches the store: the differentiated parameters, their
+    shapes and, where the projector knows it without tracing, the feature width."""
+    learned = {"grad_dim": selection.grad_dim, "parameters": list(selection.paths),
+               "parameter_shapes": [list(np.shape(leaf)) for leaf in selection.split(params)[0]]}
+    if not projector.needs_layers:
+        learned["feature_dim"] = projector.output_dim(LayerInfo(selection.grad_dim))
+    return learned
+
+
 def _refuse_unknown(arguments) -> None:
     for name in arguments:
         if name in _TRAKER_ARGUMENTS:
@@ -170,12 +180,7 @@ class TRAKer:
         if self._featurizer is None:
             self._featurizer = Featurizer(self.task, self.model, selection, self.projector)
             parallel.proj_columns(self._featurizer, self.mesh)  # refuse a bad mesh now
-            learned = {"grad_dim": selection.grad_dim, "parameters": list(selection.paths),
-                       "parameter_shapes": [list(np.shape(leaf))
-                                            for leaf in selection.split(params)[0]]}
-            if not self.projector.needs_layers:
-                learned["feature_dim"] = self.projector.output_dim(LayerInfo(selection.grad_dim))
-            self.store.check_config(learned)
+            self.store.check_config(_learned(selection, params, self.projector))
         else:
             self._featurizer.selection.check_same(selection)
         ckpt = prepare(self._featurizer, params, state, self.seed, model_id, cache=False)

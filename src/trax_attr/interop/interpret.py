@@ -22,15 +22,16 @@ MISSING = object()
 def state(program, params, buffers, groups, label) -> dict[str, Any]:
     """Placeholder -> value of every parameter, buffer and constant of the program."""
     env = dict(program.constants)
-    for placeholder, name, kind, required in program.state:
-        values = params if kind == "parameter" else buffers
+    for placeholder, name, role, required in program.state:
+        source = "params" if role == "parameter" else "buffers"
+        values = params if source == "params" else buffers
         found = [values[n] for n in groups.get(name, (name,)) if n in values]
         if found:
             env[placeholder] = found[0]
         elif required:
             raise ValueError(
-                f"{label} reads the {kind} {name!r}, which is missing from the "
-                f"{'params' if kind == 'parameter' else 'buffers'} passed to apply; pass every "
+                f"{label} reads the {role} {name!r}, which is missing from the "
+                f"{source} passed to apply; pass every "
                 "name of module.named_parameters() as params and its floating-point "
                 "named_buffers() (e.g. BatchNorm's running_mean) as buffers.")
     return env

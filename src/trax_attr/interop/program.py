@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import torch
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
@@ -46,18 +47,18 @@ def prepare(module, call, label, signature) -> Program:
     state, constants, user_inputs = [], {}, []
     for spec in graph_signature.input_specs:
         name = spec.arg.name
-        if spec.kind == InputKind.USER_INPUT:
+        if spec.kind is InputKind.USER_INPUT:
             constant = isinstance(spec.arg, ConstantArgument)
             user_inputs.append((name, Constant(spec.arg.value) if constant else None))
-        elif spec.kind == InputKind.PARAMETER:
+        elif spec.kind is InputKind.PARAMETER:
             state.append((name, spec.target, "parameter", True))
-        elif spec.kind == InputKind.BUFFER:
+        elif spec.kind is InputKind.BUFFER:
             value = (exported.state_dict if spec.persistent else exported.constants)[spec.target]
             required = bool(spec.persistent) and value.is_floating_point()
             state.append((name, spec.target, "buffer", required))
             if not required:  # integer and non-persistent buffers: the module's own values
                 constants[name] = to_numpy(value)
-        elif spec.kind == InputKind.CONSTANT_TENSOR:
+        elif spec.kind is InputKind.CONSTANT_TENSOR:
             constants[name] = to_numpy(exported.constants[spec.target])
         else:
             raise UnsupportedOpError(f"{where} takes a {spec.kind.name} input ({spec.target}); "
@@ -67,7 +68,7 @@ def prepare(module, call, label, signature) -> Program:
     output_node = nodes[-1]
     outputs = []
     for spec, arg in zip(graph_signature.output_specs, output_node.args[0]):
-        if spec.kind == OutputKind.USER_OUTPUT:  # buffer mutations of forward are dropped
+        if spec.kind is OutputKind.USER_OUTPUT:  # buffer mutations of forward are dropped
             outputs.append(arg.name if isinstance(arg, torch.fx.Node) else Constant(arg))
     program = Program(exported, nodes, tuple(user_inputs), tuple(state), constants,
                       tuple(outputs), exported.call_spec.out_spec, _detached(nodes))

@@ -116,8 +116,8 @@ class SettingsRecord:
             raise ValueError(f"{str(root / 'store.json')!r} exists; there is nothing to "
                              "repair (delete it first only if you know it is wrong).")
         stamps, widths = {}, set()
-        for kind in ("models", "experiments"):
-            folder = root / kind
+        for part in ("models", "experiments"):
+            folder = root / part
             for sub in sorted(folder.iterdir()) if folder.is_dir() else []:
                 path = sub / "meta.json"
                 if not present(path):
@@ -129,7 +129,7 @@ class SettingsRecord:
                                               "matches its digest; it cannot vouch for the "
                                               "settings. " + repair_hint(path))
                 stamps[str(path)] = (stamp["digest"], values)
-                if kind == "models" and present(sub / "grads.npy"):
+                if part == "models" and present(sub / "grads.npy"):
                     widths.add(open_memmap(sub / "grads.npy", "r").shape[1:])
         if not stamps:
             raise ValueError(f"{str(root)!r} holds no checkpoint or experiment metadata to "
