@@ -65,7 +65,7 @@ def main():
 
     traker = trax_attr.TRAKer(model=apply, task="image_classification", train_set_size=n,
                               save_dir=opts.save_dir, proj_dim=128, proj_dtype=jnp.float32,
-                              lambda_reg=0.05, chunk_rows=256)
+                              chunk_rows=256)
     mine = parallel.process_rows(n)  # this process's rows
     for model_id, params in enumerate(checkpoints):
         traker.load_checkpoint(params, model_id=model_id)

@@ -38,7 +38,7 @@ def main():
     with tempfile.TemporaryDirectory() as save_dir:
         traker = trax_attr.TRAKer(model=apply_fn, task="binary_classification",
                                   train_set_size=len(train_x), save_dir=save_dir,
-                                  projector="identity", lambda_reg=1e-3)
+                                  projector="identity")
         traker.load_checkpoint(params, model_id=0)
         traker.featurize(batch=(train_x, train_y), num_samples=len(train_x))
         traker.finalize_features()

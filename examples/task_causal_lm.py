@@ -72,7 +72,7 @@ def main():
     model = train(TinyDecoder(rngs=nnx.Rngs(0)), train_set)
     with tempfile.TemporaryDirectory() as save_dir:
         traker = trax_attr.TRAKer(model=model, task="causal_lm", train_set_size=300,
-                                  save_dir=save_dir, proj_dim=256, lambda_reg=1e-2)
+                                  save_dir=save_dir, proj_dim=256)
         traker.load_checkpoint(nnx.state(model), model_id=0)
         for start in range(0, 300, 100):
             traker.featurize(batch=tuple(a[start:start + 100] for a in train_set),

@@ -78,7 +78,7 @@ def main():
     order = np.random.default_rng(1).permutation(300)  # in-batch Q wants shuffled batches
     with tempfile.TemporaryDirectory() as save_dir:
         traker = trax_attr.TRAKer(model=apply_fn, task=task, train_set_size=300,
-                                  save_dir=save_dir, proj_dim=256, lambda_reg=1e-2)
+                                  save_dir=save_dir, proj_dim=256)
         traker.load_checkpoint(params, model_id=0)
         for start in range(0, 300, 100):
             rows = order[start:start + 100]

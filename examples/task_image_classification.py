@@ -48,7 +48,7 @@ def main():
     with tempfile.TemporaryDirectory() as save_dir:
         traker = trax_attr.TRAKer(model=apply_fn, task="image_classification",
                                   train_set_size=len(train_x), save_dir=save_dir,
-                                  proj_dim=512, lambda_reg=1e-2)
+                                  proj_dim=512)
         for model_id, params in enumerate(checkpoints):
             traker.load_checkpoint(params, model_id=model_id)
             for start in range(0, len(train_x), 250):

@@ -74,8 +74,7 @@ def main():
     model = train(BagClassifier(rngs=nnx.Rngs(0)), train_set)
     with tempfile.TemporaryDirectory() as save_dir:
         traker = trax_attr.TRAKer(model=model, task="text_classification",
-                                  train_set_size=400, save_dir=save_dir, proj_dim=256,
-                                  lambda_reg=1e-2)
+                                  train_set_size=400, save_dir=save_dir, proj_dim=256)
         traker.load_checkpoint(nnx.state(model), model_id=0)
         for start in range(0, 400, 100):
             traker.featurize(batch=tuple(a[start:start + 100] for a in train_set),
