@@ -6,7 +6,9 @@ generator), the seed, the parameter selection and the XᵀX dtype. Finalize-time
 (λ, traker's inverse rescaling) are not settings: one featurized store serves any of them,
 and each finalized checkpoint and scored experiment records the ones it used.
 
-The validators here are the one copy of each input check of the package.
+The validators here are the one copy of each input check of the package; so are the
+keyword arguments TRAKer refuses (traker's, with their replacement) and what the first
+checkpoint teaches the store (:func:`learned_config`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import numpy as np
 
 from .hashing import digest
 
-__all__ = ["Settings", "check_int", "check_model_ids", "check_choice", "describe_task", "describe_grad_wrt",
-           "MAX_SEED", "MAX_MODEL_ID"]
+__all__ = ["Settings", "check_int", "check_model_ids", "check_choice", "describe_task",
+           "describe_grad_wrt", "MAX_SEED", "MAX_MODEL_ID", "TRAKER_ARGUMENTS",
+           "refuse_unknown", "learned_config"]
 
 MAX_SEED = 2**32 - 1       # jax.random.key folds larger seeds onto these (collisions)
 MAX_MODEL_ID = 2**32 - 1   # fold_in takes a uint32
@@ -139,3 +142,39 @@ def check_model_ids(model_ids, default) -> list[int]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"model_ids={model_ids} names a checkpoint twice; pass each id once.")
     return ids
+
+
+# traker 0.3.2's arguments, and what replaces each here
+TRAKER_ARGUMENTS = {
+    "projector_seed": "seed=...",
+    "device": "nothing: JAX places arrays; pick devices with mesh=jax.make_mesh(...)",
+    "use_half_precision": "proj_dtype=jnp.bfloat16 (the default) or jnp.float32",
+    "load_from_save_dir": "nothing: an existing save_dir is always resumed",
+    "logging_level": "logging.getLogger('trax_attr').setLevel(...)",
+    "proj_max_batch_size": "nothing: projection blocks are sized automatically",
+    "gradient_computer": "grad_wrt=... (gradients are the engine's per-example jax.grad)",
+    "saver": "nothing: save_dir is the store (trax_attr.store)",
+    "score_computer": "nothing: scores are the engine's; top_k= on finalize_scores",
+}
+
+
+def learned_config(selection, params, projector) -> dict:
+    """What the first checkpoint teaches the store: the differentiated parameters, their
+    shapes and, where the projector knows it without tracing, the feature width."""
+    learned = {"grad_dim": selection.grad_dim, "parameters": list(selection.paths),
+               "parameter_shapes": [list(np.shape(leaf)) for leaf in selection.split(params)[0]]}
+    if not projector.needs_layers:
+        from .projection import LayerInfo
+
+        learned["feature_dim"] = projector.output_dim(LayerInfo(selection.grad_dim))
+    return learned
+
+
+def refuse_unknown(arguments) -> None:
+    """Refuse TRAKer keyword arguments it does not take; traker's get their replacement."""
+    for name in arguments:
+        if name in TRAKER_ARGUMENTS:
+            raise TypeError(f"TRAKer got traker's argument {name}=; here use "
+                            f"{TRAKER_ARGUMENTS[name]} (see 'Coming from traker' in the "
+                            "README).")
+        raise TypeError(f"TRAKer got an unexpected keyword argument {name!r}.")

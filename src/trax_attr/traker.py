@@ -35,45 +35,13 @@ from .engine.linalg import AUTO, check_lambda
 from .gradients import GradWrt, select
 from .hashing import fingerprint
 from .models import as_model
-from .projection import LayerInfo, get_projector
-from .settings import MAX_MODEL_ID, Settings, check_int, check_model_ids
+from .projection import get_projector
+from .settings import (MAX_MODEL_ID, Settings, check_int, check_model_ids, learned_config,
+                       refuse_unknown)
 from .store import Store
 from .tasks import ModelOutput, get_task
 
 __all__ = ["TRAKer"]
-
-# traker 0.3.2's arguments, and what replaces each here
-_TRAKER_ARGUMENTS = {
-    "projector_seed": "seed=...",
-    "device": "nothing: JAX places arrays; pick devices with mesh=jax.make_mesh(...)",
-    "use_half_precision": "proj_dtype=jnp.bfloat16 (the default) or jnp.float32",
-    "load_from_save_dir": "nothing: an existing save_dir is always resumed",
-    "logging_level": "logging.getLogger('trax_attr').setLevel(...)",
-    "proj_max_batch_size": "nothing: projection blocks are sized automatically",
-    "gradient_computer": "grad_wrt=... (gradients are the engine's per-example jax.grad)",
-    "saver": "nothing: save_dir is the store (trax_attr.store)",
-    "score_computer": "nothing: scores are the engine's; top_k= on finalize_scores",
-}
-
-
-def _learned(selection, params, projector) -> dict:
-    """What the first checkpoint teaches the store: the differentiated parameters, their
-    shapes and, where the projector knows it without tracing, the feature width."""
-    learned = {"grad_dim": selection.grad_dim, "parameters": list(selection.paths),
-               "parameter_shapes": [list(np.shape(leaf)) for leaf in selection.split(params)[0]]}
-    if not projector.needs_layers:
-        learned["feature_dim"] = projector.output_dim(LayerInfo(selection.grad_dim))
-    return learned
-
-
-def _refuse_unknown(arguments) -> None:
-    for name in arguments:
-        if name in _TRAKER_ARGUMENTS:
-            raise TypeError(f"TRAKer got traker's argument {name}=; here use "
-                            f"{_TRAKER_ARGUMENTS[name]} (see 'Coming from traker' in the "
-                            "README).")
-        raise TypeError(f"TRAKer got an unexpected keyword argument {name!r}.")
-
 
 class _Loaded(NamedTuple):
     """A checkpoint ready to featurize or score."""
@@ -126,7 +94,7 @@ class TRAKer:
                  xtx_dtype=np.float32, traker_inverse_rescale: bool = False,
                  chunk_rows: int | None = None, nonfinite: str = "raise", mesh=None,
                  backend: str | None = None, progress: bool = False, **unknown):
-        _refuse_unknown(unknown)
+        refuse_unknown(unknown)
         self.model = as_model(model, backend=backend)
         self.task: ModelOutput = get_task(task)
         self.projector = get_projector(projector, proj_dim, proj_dtype)
@@ -180,7 +148,7 @@ class TRAKer:
         if self._featurizer is None:
             self._featurizer = Featurizer(self.task, self.model, selection, self.projector)
             parallel.proj_columns(self._featurizer, self.mesh)  # refuse a bad mesh now
-            self.store.check_config(_learned(selection, params, self.projector))
+            self.store.check_config(learned_config(selection, params, self.projector))
         else:
             self._featurizer.selection.check_same(selection)
         ckpt = prepare(self._featurizer, params, state, self.seed, model_id, cache=False)
