@@ -108,7 +108,7 @@ def _json_numbers():
 
 
 # units the tables use for JSON values: as is, GFLOP/s from FLOP/s, MiB from bytes, ms, %
-_SCALES = (1.0, 1e-9, 1 / 2**20, 1e3, 1e-3, 100.0)
+_SCALES = (1.0, 1e-9, 1 / 2**20, 1 / 2**30, 1e3, 1e-3, 100.0)
 
 
 def test_benchmark_tables_quote_the_json():
@@ -116,7 +116,7 @@ def test_benchmark_tables_quote_the_json():
     docs is, at its printed precision, a figure of benchmarks/results/*.json."""
     values = _json_numbers()
     missing, seen = [], 0
-    for page in ("benchmarks.md", "scaling.md", "structured.md"):
+    for page in ("benchmarks.md", "scaling.md", "structured.md", "speed.md"):
         for number, line in enumerate((ROOT / "docs" / page).read_text().splitlines(), 1):
             if not line.startswith("|") or set(line) <= set("|-: "):
                 continue
