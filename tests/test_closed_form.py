@@ -84,6 +84,21 @@ def test_functional_core_in_user_jit(problem, linear_checkpoints):
     np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
+def test_featurize_with_a_traced_model_id(problem, linear_checkpoints):
+    """model_id (and so the projection key) may be a traced argument of the user's jit:
+    the features equal those of a concrete id."""
+    train, _, _ = problem
+    params = linear_checkpoints[1]
+    projector = trax_attr.rademacher(64, dtype=jax.numpy.float32)
+    traced = jax.jit(lambda m: trax_attr.featurize(linear_apply, params, train, model_id=m,
+                                                   projector=projector))
+    phi, q = trax_attr.featurize(linear_apply, params, train, model_id=1, projector=projector)
+    scale = np.abs(np.asarray(phi)).max()   # one jit fuses differently from eager calls
+    np.testing.assert_allclose(np.asarray(traced(1)[0]), np.asarray(phi), atol=1e-5 * scale)
+    np.testing.assert_allclose(np.asarray(traced(1)[1]), np.asarray(q), rtol=1e-5)
+    assert np.abs(np.asarray(traced(0)[0]) - np.asarray(phi)).max() > 0.1 * scale  # another P
+
+
 def test_functional_core_equals_traker_to_1e6(problem, linear_checkpoints, tmp_path):
     """One engine: trak_scores on the rows the TRAKer stored runs the TRAKer's own kernels
     over the same chunks, so the two agree to float32 rounding of one value (1e-6)."""

@@ -76,6 +76,8 @@ class Projector(Protocol):
 
 def projection_key(seed: int, model_id: int) -> jax.Array:
     """The key of checkpoint ``model_id``'s matrix: fold_in(key(seed), model_id)."""
+    if isinstance(seed, jax.core.Tracer) or isinstance(model_id, jax.core.Tracer):
+        return jax.random.fold_in(jax.random.key(seed), model_id)  # inside a user's jit
     # one compiled program for any seed and id (eagerly, key and fold_in compile four)
     return _projection_key(np.uint32(seed), np.uint32(model_id))
 
