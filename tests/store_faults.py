@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 
 N, M, B, K = 64, 16, 32, 16
 SRC = str(Path(__file__).resolve().parent.parent / "src")

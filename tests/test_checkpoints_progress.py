@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 from trax_attr.models.checkpoints import load_checkpoint_dir, save_checkpoint_dir
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 from trax_attr import cli
 from trax_attr.apps.demo import QUICK
 from trax_attr.apps.report import LDS_PIXELS, PICTURES, grid_pixels

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 
 
 def closed_form_features(params, x, y):

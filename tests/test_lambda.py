@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 from trax_attr.store import checksums
 
 N, M, K = 200, 10, 48

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 
 ROOT = Path(__file__).parents[1]
 README = (ROOT / "README.md").read_text()

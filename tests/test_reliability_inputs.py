@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 from trax_attr import NonFiniteError, NonFiniteWarning
 
 N, M, B = 64, 16, 32

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 
 N, B, K = 48, 8, 16
 

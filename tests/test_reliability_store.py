@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 from trax_attr.store import checksums, writes
 from trax_attr.store import store as store_module
 from trax_attr.store import Store, StoreBusyError, StoreWriteError

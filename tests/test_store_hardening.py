@@ -407,6 +407,18 @@ def test_item_11_nonfinite_weights_are_refused_at_load_naming_the_leaf(tmp_path,
         traker.load_checkpoint(params, model_id=0)
 
 
+def test_item_11_state_may_hold_inf_but_not_nan():
+    """A state entry (buffer) may hold ±Inf, as attention masks do; NaN is refused."""
+    from trax_attr.batches import check_finite_weights
+
+    params = {"w": np.ones((2, 2), np.float32)}
+    mask = np.triu(np.full((4, 4), -np.inf, np.float32), 1)
+    check_finite_weights(params, {"attn_mask": mask}, 0)
+    mask[0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"holds NaN in state entry \['attn_mask'\] \(1 of 16"):
+        check_finite_weights(params, {"attn_mask": mask}, 0)
+
+
 # --- 12. ranges of model_id and seed ---------------------------------------------------------------------
 @pytest.mark.parametrize("model_id", [2**32, -1, 1.5, "3", True, None])
 def test_item_12_model_id_is_range_checked(tmp_path, linear_checkpoints, model_id):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import trax_attr
-from conftest import linear_apply
+from linear_model import linear_apply
 
 N, M = 240, 12
 

@@ -153,7 +153,7 @@ def check_batch(task, apply, params, state, batch: tuple, rows: np.ndarray,
         message = (str(err).strip().splitlines() or [""])[0]
         raise ValueError(
             f"the model cannot run on this batch ({_describe(batch)}): "
-            f"{type(err).__name__}: {message[:300]}"
+            f"{type(err).__name__}: {message[:1200]}"
             + (f". Against the first batch: {'; '.join(line for line, _ in differs)}"
                if differs else "")
             + ". Check the arrays' shapes and order against what the model takes (inputs "
@@ -164,8 +164,9 @@ def check_batch(task, apply, params, state, batch: tuple, rows: np.ndarray,
 
 
 def check_finite_weights(params, state, model_id: int) -> None:
-    """Refuse a checkpoint whose parameters or state hold NaN or Inf, naming the leaf:
-    every output (and gradient) would be non-finite, whatever the examples."""
+    """Refuse a checkpoint whose parameters hold NaN or Inf, or whose state holds NaN,
+    naming the leaf: every output (and gradient) would be non-finite, whatever the
+    examples. State may hold ±Inf: attention masks do (open_clip's ``attn_mask``)."""
     for what, tree in (("parameter", params), ("state entry", state)):
         leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
         for path, leaf in leaves:
@@ -173,14 +174,16 @@ def check_finite_weights(params, state, model_id: int) -> None:
             if dtype is None or not (jnp.issubdtype(dtype, jnp.floating)
                                      or jnp.issubdtype(dtype, jnp.complexfloating)):
                 continue
-            finite = jnp.isfinite(leaf) if isinstance(leaf, jax.Array) else np.isfinite(
-                np.asarray(leaf, np.float32 if dtype.name == "bfloat16" else None))
+            check = jnp.isfinite if what == "parameter" else (lambda x: ~jnp.isnan(x))
+            finite = check(leaf if isinstance(leaf, jax.Array) else jnp.asarray(
+                np.asarray(leaf, np.float32 if dtype.name == "bfloat16" else None)))
             bad = int(np.size(finite) - np.count_nonzero(np.asarray(finite)))
             if bad:
                 index = np.unravel_index(int(np.argmin(np.asarray(finite).reshape(-1))),
                                          np.shape(leaf))
                 raise ValueError(
-                    f"the checkpoint loaded as model_id={model_id} holds NaN or Inf in "
+                    f"the checkpoint loaded as model_id={model_id} holds "
+                    f"{'NaN or Inf' if what == 'parameter' else 'NaN'} in "
                     f"{what} {jax.tree_util.keystr(path) or '(the root)'} ({bad} of "
                     f"{np.size(finite)} values, e.g. at index {tuple(int(i) for i in index)}): "
                     "every output and gradient would be non-finite, whatever the examples. "
