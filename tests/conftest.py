@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from linear_model import linear_apply  # noqa: F401  (the fixtures' model)
 
 
 @pytest.fixture(scope="session")
