@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Featurize throughput on the accelerator against its own bf16 matmul rate (issue 18).
+# Featurize throughput on the accelerator against its own bf16 matmul rate.
 #
 #   bash benchmarks/device_check.sh            # on a GPU machine: wide MLP + ResNet-18, < 5 min
 #   bash benchmarks/device_check.sh --small    # anywhere (CPU too): tiny sizes, a check that it runs

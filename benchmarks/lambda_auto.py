@@ -1,4 +1,4 @@
-"""LDS of ``lambda_reg="auto"`` against the best fixed λ of a grid and λ = 0 (issue 15).
+"""LDS of ``lambda_reg="auto"`` against the best fixed λ of a grid and λ = 0.
 
 Settings of other models, data and regimes (the digits MLP, also at n = 500 and 1500 and
 with under-fit checkpoints; the demo's CNN; attention on token sequences; a one-logit

@@ -1,4 +1,4 @@
-"""Store hardening (issue 16): nothing on disk makes trax_attr return wrong scores, hang,
+"""Store hardening: nothing on disk makes trax_attr return wrong scores, hang,
 or read outside save_dir. One regression test per item of the issue, named after it."""
 
 import errno
