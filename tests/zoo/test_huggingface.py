@@ -3,8 +3,8 @@ classification, GPT-2 for causal LM, CLIP. No wrapper: the tasks' inputs reach a
 by keyword (trax_attr.interop.conventions) and its ``.logits`` (CLIP: its embeddings and
 logit scale) come back.
 
-Each runs the one-line TRAKer call on backend="torch" and on backend="converted" (xfail
-while the converter cannot take it, with its message); the torch route is checked against
+Each runs the one-line TRAKer call on backend="torch" and on backend="converted"; the
+torch route is checked against
 an independent computation (traker 0.3.2 for BERT, per-example ``torch.autograd.grad`` of
 the task's output written in torch for GPT-2 and CLIP).
 """
@@ -102,10 +102,10 @@ def test_bert_torch_route(bert_torch_scores):
 
 def test_bert_converted_route_agrees(bert, text_data, bert_torch_scores, tmp_path):
     train, targets = text_data
-    model = zoo.converted_or_xfail(bert)
-    scores = zoo.scores_or_xfail(lambda: zoo.trak(
+    model = interop.torch_model(bert, "converted")
+    scores = zoo.trak(
         model, "text_classification", train, targets, tmp_path, proj_dim=256,
-        batch_size=N_TARGETS), bert)
+        batch_size=N_TARGETS)
     zoo.assert_pearson(scores, bert_torch_scores, what="BERT converted vs torch")
 
 
@@ -202,10 +202,10 @@ def test_gpt2_one_line_and_converted(gpt2, tmp_path):
     torch_scores = zoo.trak(gpt2, "causal_lm", train, targets, tmp_path / "torch",
                             backend="torch", proj_dim=256, batch_size=N_TARGETS)
     assert np.isfinite(torch_scores).all() and np.abs(torch_scores).max() > 0
-    model = zoo.converted_or_xfail(gpt2)
-    scores = zoo.scores_or_xfail(lambda: zoo.trak(
+    model = interop.torch_model(gpt2, "converted")
+    scores = zoo.trak(
         model, "causal_lm", train, targets, tmp_path / "converted", proj_dim=256,
-        batch_size=N_TARGETS), gpt2)
+        batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="GPT-2 converted vs torch")
 
 
@@ -257,8 +257,8 @@ def test_hf_clip_one_line_and_converted(hf_clip, clip_task, tmp_path):
     torch_scores = zoo.trak(hf_clip, clip_task, train, targets, tmp_path / "torch",
                             backend="torch", proj_dim=256, batch_size=N_TARGETS)
     assert np.isfinite(torch_scores).all() and np.abs(torch_scores).max() > 0
-    model = zoo.converted_or_xfail(hf_clip)
-    scores = zoo.scores_or_xfail(lambda: zoo.trak(
+    model = interop.torch_model(hf_clip, "converted")
+    scores = zoo.trak(
         model, clip_task, train, targets, tmp_path / "converted", proj_dim=256,
-        batch_size=N_TARGETS), hf_clip)
+        batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="HF CLIP converted vs torch")

@@ -4,7 +4,7 @@ open_clip's forward(image, text) returns (image_features, text_features, logit_s
 the CLIP task's order, so it is called as it is. Its text tower keeps the causal mask as a
 non-persistent buffer (``attn_mask``), which a state_dict does not hold: it comes from the
 module. The one-line call on backend="torch" equals traker 0.3.2's CLIP task without
-projection; backend="converted" agrees with it (xfail while the converter cannot take it).
+projection; backend="converted" agrees with it.
 """
 
 import jax
@@ -14,6 +14,7 @@ import torch
 
 import trax_attr
 import zoo_models as zoo
+from trax_attr import interop
 
 pytest.importorskip("open_clip", reason="needs open_clip_torch (the zoo extra; docs/models.md)")
 
@@ -62,10 +63,10 @@ def test_torch_route(torch_scores):
 
 def test_converted_route_agrees(model, bank_pairs, torch_scores, tmp_path):
     train, targets = zoo.clip_pairs(0, N_TRAIN), zoo.clip_pairs(1, N_TARGETS)
-    converted = zoo.converted_or_xfail(model)
-    scores = zoo.scores_or_xfail(lambda: zoo.trak(
+    converted = interop.torch_model(model, "converted")
+    scores = zoo.trak(
         converted, task_of(model, bank_pairs, backend="converted"), train, targets,
-        tmp_path, proj_dim=256, batch_size=N_TARGETS), model)
+        tmp_path, proj_dim=256, batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="open_clip converted vs torch")
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import zoo_models as zoo
+from trax_attr import interop
 
 pytest.importorskip("torchvision", reason="needs torchvision (the zoo extra; docs/models.md)")
 
@@ -43,10 +44,10 @@ def test_torch_route(torch_scores):
 
 def test_converted_route_agrees(resnet, data, torch_scores, tmp_path):
     train, targets = data
-    model = zoo.converted_or_xfail(resnet)
-    scores = zoo.scores_or_xfail(lambda: zoo.trak(
+    model = interop.torch_model(resnet, "converted")
+    scores = zoo.trak(
         model, "image_classification", train, targets, tmp_path, proj_dim=256,
-        grad_wrt=GRAD_WRT, batch_size=N_TARGETS), resnet)
+        grad_wrt=GRAD_WRT, batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="resnet18 converted vs torch")
 
 

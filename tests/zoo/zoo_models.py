@@ -1,6 +1,5 @@
 """The zoo's tiny models (built from configs, random weights, no downloads), their data,
-and the runs every zoo test shares: the one-line TRAKer call, the converted route (xfail
-while the converter cannot take a model), and traker 0.3.2 as the reference.
+and the runs every zoo test shares: the one-line TRAKer call and traker 0.3.2 as the reference.
 
 Imported by the zoo's test modules after tests/zoo/conftest.py has made torchvision
 importable.
@@ -124,28 +123,6 @@ def trak(model, task, train, targets, save_dir, *, checkpoint=None, batch_size=N
                                     num_targets=m)
     traker.score(batch=targets, num_samples=m)
     return np.asarray(traker.finalize_scores(exp_name="t"))
-
-
-def converted_or_xfail(module: nn.Module):
-    """``module`` on backend="converted", or xfail with the converter's own error.
-
-    The converted route is being rebuilt (torch.export); a model it cannot take yet is an
-    expected failure whose reason is the converter's message, so the test turns green (and
-    is then reported as XPASS-free: it simply passes) once the converter takes it."""
-    try:
-        return interop.torch_model(module, "converted")
-    except Exception as err:  # noqa: BLE001 - whatever the converter raises is the reason
-        pytest.xfail(f"convert() cannot take {type(module).__name__} yet: "
-                     f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
-
-
-def scores_or_xfail(run, module: nn.Module):
-    """``run()`` (a converted-route computation), or xfail with the error it raises."""
-    try:
-        return run()
-    except (interop.UnsupportedOpError, NotImplementedError, TypeError, KeyError) as err:
-        pytest.xfail(f"the converted {type(module).__name__} fails when run: "
-                     f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
 
 
 def assert_pearson(got, want, threshold: float = 0.999, what: str = "") -> np.ndarray:
