@@ -55,7 +55,7 @@ def featurize(model, checkpoint, batch: tuple, *, task="image_classification",
     if model.host_grads is not None:
         return host_features(f, ckpt, batch)
     if mesh is None:
-        return features(f, ckpt, batch)
+        return _features(f, ckpt, batch)
     mesh = parallel.check_mesh(mesh)
     size = batch[0].shape[0]
     extra = -size % parallel.batch_shards(mesh)
@@ -63,6 +63,11 @@ def featurize(model, checkpoint, batch: tuple, *, task="image_classification",
         batch = tuple(jnp.concatenate([a, jnp.repeat(a[:1], extra, axis=0)]) for a in batch)
     phi, q = parallel.featurize(f, mesh, ckpt, batch)
     return phi[:size], q[:size]
+
+
+# one compiled program per featurizer and batch shape when called outside jit (inlined
+# inside a caller's jit): op-by-op dispatch compiles every primitive on its own
+_features = jax.jit(features, static_argnums=0)
 
 
 def xtx(features: jax.Array, dtype=jnp.float32) -> jax.Array:

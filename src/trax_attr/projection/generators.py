@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["GENERATORS", "TILE_ROWS", "matrix_block"]
 
@@ -122,6 +123,25 @@ def matrix_block(distribution: str, generator: str, dtype, proj_dim: int, key: j
     dtype = jnp.dtype(dtype)
     num_cols = proj_dim if num_cols is None else num_cols
     if generator == "hash":
-        return _hash_block(distribution, dtype, key, row_start, num_rows, col_start, num_cols)
-    return _random_block(distribution, generator, dtype, key, row_start, num_rows, col_start,
-                         num_cols, proj_dim)
+        return _hash_jit(distribution, dtype, key, _index(row_start, jnp.uint32), num_rows,
+                         _index(col_start, jnp.uint32), num_cols)
+    return _random_jit(distribution, generator, dtype, key, _index(row_start, jnp.int32),
+                       num_rows, _index(col_start, jnp.int32), num_cols, proj_dim)
+
+
+# Jitted, so that a block asked for outside jit (Kronecker layer matrices, kept P, tests)
+# is one compiled program per shape instead of dozens of op-by-op dispatches; inside a
+# caller's jit they inline.
+_hash_jit = jax.jit(_hash_block, static_argnums=(0, 1, 4, 6))
+_random_jit = jax.jit(_random_block, static_argnums=(0, 1, 2, 5, 7, 8))
+
+
+def _index(value, dtype):
+    """A row or column offset as an array of ``dtype`` (a Python int would enter jit as
+    int32 and overflow past 2**31 rows of a uint32 counter)."""
+    if isinstance(value, (int, np.integer)):
+        if not 0 <= value <= np.iinfo(dtype).max:
+            raise ValueError(f"offset {value} is outside the projection's {np.dtype(dtype)} "
+                             "row/column range")
+        return np.asarray(value, dtype)
+    return value
