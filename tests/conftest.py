@@ -1,7 +1,37 @@
-"""Shared fixtures: scikit-learn's digits (no download) and small models on them."""
+"""Shared fixtures: scikit-learn's digits (no download) and small models on them.
+
+The suite shares one JAX persistent compilation cache per run (a fresh temporary folder,
+removed at the end; an existing JAX_COMPILATION_CACHE_DIR is kept): most tests compile the
+same few programs from closures of their own, and the subprocess tests (launch, kill -9,
+the demo, the benchmarks' smoke runs) compile them again in every process. A cache hit
+gives the executable XLA would have built, so nothing a test asserts changes.
+"""
+
+import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
+
+_CACHE_VARS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def pytest_configure(config):
+    """Before any test module imports JAX: set the cache for this process, the pytest-xdist
+    workers (they inherit the environment) and every subprocess a test starts."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="trax-attr-jax-cache-")
+        config._trax_attr_jax_cache = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    for name, value in _CACHE_VARS.items():
+        os.environ.setdefault(name, value)
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_trax_attr_jax_cache", None)
+    if folder and "PYTEST_XDIST_WORKER" not in os.environ:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

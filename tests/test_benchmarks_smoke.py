@@ -1,6 +1,7 @@
 """The benchmark scripts still run (tiny --quick mode), so they do not rot."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,9 +9,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _env():
+    """A bare environment (no device or XLA flags of the test process) that keeps the
+    suite's JAX compilation cache (tests/conftest.py)."""
+    keep = {k: v for k, v in os.environ.items()
+            if k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+    return {"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", **keep}
+
+
 def test_run_all_quick():
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"],
-                   check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+                   check=True, cwd=ROOT, env=_env(),
                    timeout=300)
     rows = json.loads((ROOT / "benchmarks/results/projection_roofline_quick.json").read_text())["rows"]
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
@@ -58,7 +67,7 @@ def test_run_all_quick():
 
 def test_fresh_process_quick():
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fresh_process.py"), "--quick"],
-                   check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+                   check=True, cwd=ROOT, env=_env(),
                    timeout=300)
     (row,) = json.loads((ROOT / "benchmarks/results/fresh_process_quick.json").read_text())["rows"]
     phases = ("featurize", "finalize_features", "score", "finalize_scores")

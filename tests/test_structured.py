@@ -76,8 +76,9 @@ def assert_kronecker_exact(module, checkpoint, batch, layer_dims, proj=None):
     params, state = model.split(checkpoint)
     selection = select(params)
     selected, rest = selection.split(params)
-    grads = per_example_grads(get_task("image_classification"), model, selection, selected,
-                              rest, state, batch)
+    task = get_task("image_classification")
+    grads = jax.jit(lambda *a: per_example_grads(task, model, selection, *a))(
+        selected, rest, state, batch)
     g = np.concatenate([np.asarray(a, np.float64) for a in grads], axis=1)
     assert set(layer_dims) <= set(selection.paths), (sorted(layer_dims), selection.paths)
     fb_paths = {p for p in selection.paths if p not in layer_dims}
@@ -104,7 +105,7 @@ def kernel_dims(params, dims=lambda p, shape: shape):
 def test_structured_equals_explicit_kronecker(module, shape):
     x = jax.random.normal(jax.random.key(1), (6,) + shape)
     y = jnp.arange(6) % 10
-    variables = module.init(jax.random.key(0), x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
     assert_kronecker_exact(module, variables, (x, y), kernel_dims(variables["params"]))
 
 
@@ -134,7 +135,7 @@ def test_structured_exact_linen_embed_attention_attend():
     ids = jax.random.randint(jax.random.key(1), (5, 6), 0, 10)
     y = jnp.arange(5) % 10
     module = TinyTransformer()
-    variables = module.init(jax.random.key(0), ids)
+    variables = jax.jit(module.init)(jax.random.key(0), ids)
     dims = kernel_dims(variables["params"], _general_dims)
     assert "embed/embedding" in dims and "attn/out/kernel" in dims
     assert_kronecker_exact(module, variables, (ids, y), dims)
@@ -159,7 +160,7 @@ def test_structured_exact_linen_conv():
     x = jax.random.normal(jax.random.key(1), (4, 7, 7, 2))
     y = jnp.arange(4) % 10
     module = CNN()
-    variables = module.init(jax.random.key(0), x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
     dims = kernel_dims(variables["params"], lambda p, s: (int(np.prod(s[:-1])), s[-1]))
     del dims["Conv_2/kernel"], dims["Dense_1/kernel"]  # not covered: dense fallback
     assert_kronecker_exact(module, variables, (x, y), dims)
@@ -170,7 +171,7 @@ def test_traker_with_kronecker_matches_pure_featurize(tmp_path):
     module = MLP()
     x = jax.random.normal(jax.random.key(1), (8, 64))
     y = jnp.arange(8) % 10
-    variables = module.init(jax.random.key(0), x)
+    variables = jax.jit(module.init)(jax.random.key(0), x)
     proj = kronecker(2, 3, fallback_dim=8, dtype=jnp.float32)
     traker = trax_attr.TRAKer(model=module, task="image_classification", train_set_size=8,
                               save_dir=str(tmp_path), projector=proj, lambda_reg=1e-2)
@@ -396,7 +397,7 @@ def test_structured_never_forms_the_per_example_gradient_of_a_covered_kernel():
     batch = 8
     x = jnp.ones((batch, 256))
     y = jnp.arange(batch) % 10
-    ckpt = Wide().init(jax.random.key(0), x[:1])
+    ckpt = jax.jit(Wide().init)(jax.random.key(0), x[:1])
 
     def per_example_kernel_grads(projector):
         jaxpr = jax.make_jaxpr(lambda c, b: trax_attr.featurize(Wide(), c, b,
