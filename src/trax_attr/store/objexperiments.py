@@ -17,7 +17,7 @@ from .errors import StoreCorruptedError
 from .experiments import ExperimentFiles
 from .layout import check_model_id, check_name, model_id_of
 from .objects import ObjectPath
-from .objrows import ObjectRowArrays, load_finished, save_finished
+from .objrows import ObjectRowArrays, finished_key, load_finished, save_finished
 
 __all__ = ["ObjectExperiments"]
 
@@ -115,7 +115,10 @@ class ObjectExperiments(ExperimentFiles):
         """Write the scores under a new key and record them with ``info`` (process 0)."""
         base = self._exp_key(name) + "scores"
         record = save_finished(self.objects, base, np.asarray(scores, np.float32))
+        old = (self.experiment_meta(name) or {}).get("scores")
         self._update_experiment_meta(name, lambda meta: {**meta, "scores": {**record, **info}})
+        if old is not None and old["blake2b"] != record["blake2b"]:  # no longer read
+            self.objects.delete_prefix(finished_key(base, old) + "/")
         return self.experiment_dir(name) / "scores"
 
     def load_scores(self, name: str) -> np.ndarray:

@@ -75,8 +75,11 @@ class ObjectRows:
 
     def write(self, rows: np.ndarray, values: np.ndarray):
         """Start writing ``values[i]`` to row ``rows[i]``; a future (``.result()``)."""
-        return self._array[np.asarray(rows, np.int64)].write(
-            np.ascontiguousarray(values, self.dtype))
+        rows = np.asarray(rows, np.int64)
+        values = np.ascontiguousarray(values, self.dtype)
+        if rows.size and rows[-1] - rows[0] == rows.size - 1 and (np.diff(rows) == 1).all():
+            return self._array[int(rows[0]):int(rows[-1]) + 1].write(values)  # a range: faster
+        return self._array[rows].write(values)
 
     def wait(self, future) -> None:
         try:
