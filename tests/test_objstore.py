@@ -3,11 +3,13 @@ S3-compatible server on 127.0.0.1 (moto's server mode), against the local store.
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -61,6 +63,24 @@ def test_memory_store_scores_equal_the_local_store_and_resume(setup):
     np.testing.assert_array_equal(job.run("memory://scores/run", data), local)
     # opened again by the same job: every step finds its work done, the scores stay
     np.testing.assert_array_equal(job.run("memory://scores/run", data), local)
+
+
+def test_another_lambda_solves_the_stored_xtx_and_replaces_the_inverse(setup, tmp_path):
+    data, _, folder = setup
+    shutil.copytree(folder / "local", tmp_path / "local")
+    url = "memory://lambda/run"
+    job.run(url, data)
+    scores = {}
+    for name, save_dir in (("local", tmp_path / "local"), ("memory", url)):
+        traker = trax_attr.TRAKer(model=job.apply, train_set_size=job.N_TRAIN,
+                                  save_dir=save_dir, proj_dim=32, proj_dtype=jnp.float32)
+        traker.finalize_features(lambda_reg=0.5)
+        assert traker.lambdas()[0]["value"] == 0.5
+        scores[name] = traker.finalize_scores(exp_name="test")
+    np.testing.assert_array_equal(scores["memory"], scores["local"])
+    inverses = {key.split("/")[0] for key in Objects(url).list("models/0/")
+                if key.startswith("inverse.")}
+    assert len(inverses) == 1  # the inverse for λ = 0.01 is deleted
 
 
 def test_a_second_job_on_one_url_is_refused_until_it_takes_the_first_ones_id(
