@@ -1,7 +1,8 @@
 """A small TRAKer job on digits, run whole or killed with SIGKILL at a chosen store event.
 
 Run as ``python tests/_trak_job.py SAVE_DIR DATA_NPZ PHASE EVENT``: counts every flush of a
-memory map, rename and fsync (before and after each) made inside TRAKer.PHASE and kills
+memory map, rename and fsync (before and after each; for a URL store, every completed row
+write and metadata write) made inside TRAKer.PHASE and kills
 itself with SIGKILL at event number EVENT of that phase (0: never). Prints READY once set
 up, DONE when the scores are final.
 The tests import :func:`run` to make the uninterrupted reference in-process.
@@ -101,6 +102,14 @@ def count_events(on_event):
 
     patches = [(np.memmap, "flush", wrap(np.memmap.flush)), (os, "replace", wrap(os.replace)),
                (os, "fsync", wrap(os.fsync))]
+    try:  # a URL store: every completed PUT of rows and every metadata write
+        from trax_attr.store.objects import Objects
+        from trax_attr.store.objrows import ObjectRows
+    except ImportError:
+        pass
+    else:
+        patches += [(ObjectRows, "wait", wrap(ObjectRows.wait)),
+                    (Objects, "write_json", wrap(Objects.write_json))]
     patches += [(trax_attr.TRAKer, name, in_phase(name, getattr(trax_attr.TRAKer, name)))
                 for name in PHASES]
     return patches

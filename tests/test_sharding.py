@@ -226,8 +226,13 @@ def test_rows_io_and_no_clobber(tmp_path):
 
 
 def test_process_rows_tile_the_range():
-    parts = [parallel.process_rows(10, i, 3) for i in range(3)]
+    parts = [parallel.process_rows(10, i, 3, block=1) for i in range(3)]
     assert [list(p) for p in parts] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    # by default slices start at multiples of 256 rows (one object-store chunk, one host)
+    parts = [parallel.process_rows(1200, i, 2) for i in range(2)]
+    assert parts == [range(0, 512), range(512, 1200)]
+    parts = [parallel.process_rows(100, i, 2) for i in range(2)]
+    assert parts == [range(0, 0), range(0, 100)]
     assert parallel.process_rows(10) == range(10)  # one process here
 
 

@@ -35,9 +35,8 @@ from . import parallel
 from .engine import inverse_gram, resolve_lambda, row_weights
 from .engine.linalg import choose_solve
 from .parallel import solve as sharded
-from .store import Store, StoreCorruptedError
-from .store.checksums import RowStream, verify_file, verify_row_checks
-from .store.reading import present, read_rows
+from .store.backend import StoreBackend
+from .store.checksums import verify_row_checks
 from .store.locks import job_lock
 from .streams import (chunk_rows, merge_process_topk, stream_fold, stream_gram,
                       stream_gram_sharded, stream_scores)
@@ -47,8 +46,6 @@ __all__ = ["chunk_rows", "stream_gram", "stream_gram_sharded", "stream_fold", "s
            "lambda_record", "missing_rows"]
 
 logger = logging.getLogger(__name__)
-
-_DONE_CHUNK = 1 << 20      # rows of a done bitmap (1 byte each) read at once
 
 
 # --- finalize_features --------------------------------------------------------------------
@@ -65,23 +62,9 @@ def _wanted(meta: dict, lambda_reg, rescale: bool) -> bool:
             and held.get("traker_inverse_rescale") == bool(rescale))
 
 
-def missing_rows(store: Store, model_id: int, n: int) -> tuple[list[int], int]:
+def missing_rows(store: StoreBackend, model_id: int, n: int) -> tuple[list[int], int]:
     """(first few missing training rows, how many) of a checkpoint, read in chunks."""
-    done = store.array_path(model_id, "done")
-    if not present(done):
-        return list(range(min(n, 8))), n
-    first, count = [], 0
-    for start in range(0, n, _DONE_CHUNK):
-        flags = read_rows(done, start, start + _DONE_CHUNK)
-        if (flags > 2).any():
-            raise StoreCorruptedError(
-                f"{str(done)!r} holds done flags other than 0, 1 and 2 (e.g. row "
-                f"{int(np.argmax(flags > 2)) + start}); it is corrupted. Delete the folder "
-                f"{str(done.parent)!r} and featurize model_id={model_id} again.")
-        left = np.flatnonzero(flags == 0)
-        count += left.size
-        first.extend((left[: 8 - len(first)] + start).tolist())
-    return first, count
+    return store.missing_rows(model_id, n)
 
 
 class _CheckedRows:
@@ -90,10 +73,10 @@ class _CheckedRows:
     hashes the files as it reads them; with several, each reads its own rows and process
     0 hashes the files in a second pass."""
 
-    def __init__(self, store: Store, model_id: int, n: int, k: int, streamed: bool):
+    def __init__(self, store: StoreBackend, model_id: int, n: int, k: int, streamed: bool):
         shapes = {"grads": ((n, k), np.float32), "out_to_loss": ((n,), np.float32),
                   "check": ((n,), np.uint64)}
-        self.paths = {name: store.array_path(model_id, name) for name in shapes}
+        self.store, self.model_id = store, model_id
         self.what = f"the training rows of model_id={model_id}"
         self.salt = store.row_salt(model_id)
         self.fix = (f"Delete the folder {str(store.model_dir(model_id))!r} and featurize "
@@ -102,7 +85,7 @@ class _CheckedRows:
         try:
             for name, shape in shapes.items():
                 if streamed:
-                    self.streams[name] = RowStream(self.paths[name], *shape)
+                    self.streams[name] = store.row_stream(model_id, name, *shape)
         except BaseException:
             self.close()
             raise
@@ -111,14 +94,15 @@ class _CheckedRows:
         if self.streams:
             parts = {name: s.read(start, stop) for name, s in self.streams.items()}
         else:
-            parts = {name: read_rows(path, start, stop) for name, path in self.paths.items()}
+            parts = {name: self.store.read_rows(self.model_id, name, start, stop)
+                     for name in ("grads", "out_to_loss", "check")}
         verify_row_checks(start, parts["check"], [parts["grads"], parts["out_to_loss"]],
                           self.what, self.fix, self.salt)
         return parts["grads"]
 
     def records(self) -> dict[str, dict]:
         """The file records of grads.npy and out_to_loss.npy."""
-        streams = self.streams or {name: RowStream(self.paths[name])
+        streams = self.streams or {name: self.store.row_stream(self.model_id, name)
                                    for name in ("grads", "out_to_loss")}
         return {f"{name}.npy": streams[name].record() for name in ("grads", "out_to_loss")}
 
@@ -127,7 +111,7 @@ class _CheckedRows:
             stream.close()
 
 
-def finalize_features(store: Store, model_ids, *, n: int, k: int, lambda_reg, rescale: bool,
+def finalize_features(store: StoreBackend, model_ids, *, n: int, k: int, lambda_reg, rescale: bool,
                       xtx_dtype, chunk: int, mesh: Mesh, solve: str = "auto") -> None:
     """Finalize ``model_ids`` (see the module docstring); already finalized checkpoints
     with the same λ request are kept as they are. With several processes every one calls
@@ -171,7 +155,7 @@ def finalize_features(store: Store, model_ids, *, n: int, k: int, lambda_reg, re
             parallel.barrier()  # process 0 keeps the lock until every process is done
 
 
-def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx_dtype,
+def _finalize_one(store: StoreBackend, model_id: int, *, n, k, lambda_reg, rescale, xtx_dtype,
                   chunk, mesh, solve) -> None:
     first = jax.process_index() == 0
     meta = store.model_meta(model_id)
@@ -183,15 +167,15 @@ def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx
     if meta["finalized"]:  # another λ: XᵀX is on disk, Φ is not read again
         stored = store.finished(model_id, "xtx", (k, k), dtype)  # verified
         if solve == "sharded":  # each process reads its devices' rows only
-            path = store.model_dir(model_id) / "xtx.npy"
-            acc = sharded.from_rows(lambda a, b: read_rows(path, a, b), lay, smesh, dtype)
+            acc = sharded.from_rows(lambda a, b: store.read_rows(model_id, "xtx", a, b), lay,
+                                    smesh, dtype)
         else:
             gram = stored
         del stored
     else:
         # every process reads the whole done bitmap, so all raise the same error on
         # missing rows (none waits at a barrier for a process that has given up)
-        if present(store.array_path(model_id, "done")):  # shapes, dtypes, complete set
+        if store.has_rows(model_id):  # shapes, dtypes, complete set
             store.model_arrays(model_id, n, k, mode="r")
         missing, count = missing_rows(store, model_id, n)
         if count:
@@ -202,7 +186,8 @@ def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx
         rows = _CheckedRows(store, model_id, n, k, streamed=jax.process_count() == 1)
         try:
             if solve == "sharded":
-                most = -(-n // jax.process_count())  # rows of the largest process
+                most = max(len(parallel.process_rows(n, i))  # rows of the largest process
+                           for i in range(jax.process_count()))
                 acc = stream_gram_sharded(rows.read, mine, -(-most // chunk), chunk, smesh,
                                           lay, dtype)
                 gram = sharded.fetch(acc, lay, smesh)  # process 0's host, for xtx.npy
@@ -232,7 +217,7 @@ def _finalize_one(store: Store, model_id: int, *, n, k, lambda_reg, rescale, xtx
 
 
 # --- finalize_scores ----------------------------------------------------------------------
-def scores_lock(store: Store, exp_name: str):
+def scores_lock(store: StoreBackend, exp_name: str):
     """The exclusive lock of experiment ``exp_name`` for finalize_scores: with several
     processes process 0 holds it for all of them (:func:`~trax_attr.store.locks.job_lock`),
     since every process scores its own rows."""
@@ -251,7 +236,7 @@ def scores_lock(store: Store, exp_name: str):
                            f"experiment {exp_name!r}; its own error says why and what to do.")
 
 
-def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool, n: int,
+def finalize_scores(store: StoreBackend, exp_name: str, model_ids, *, allow_skip: bool, n: int,
                     k: int, chunk: int, mesh: Mesh, top_k: int | None, target_chunk: int):
     """Average the checkpoints' scores of ``exp_name`` and weight them by mean Q; see
     :meth:`trax_attr.TRAKer.finalize_scores`. Call under :func:`scores_lock`. With several
@@ -300,7 +285,7 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
     count = jax.process_count()
     # T_m = A_m φ_mᵀ, A_m read by blocks of rows; with several processes each folds its
     # share of the k rows and the shares are gathered ((M, k, m) is small next to A).
-    fold_rows = parallel.process_rows(k)
+    fold_rows = parallel.process_rows(k, block=1)
     # targets checked against their record (or, the first time, their row checks)
     targets = {i: store.finished_targets(exp_name, i, m, k) for i in used}
     if jax.process_index() == 0:  # metadata is written by one process
@@ -308,8 +293,7 @@ def finalize_scores(store: Store, exp_name: str, model_ids, *, allow_skip: bool,
     parts = []
     for model_id in used:
         store.finished(model_id, "inverse", (k, k), np.float32)  # verified, then read by rows
-        path = store.model_dir(model_id) / "inverse.npy"
-        parts.append(stream_fold(lambda a, b, path=path: read_rows(path, a, b),
+        parts.append(stream_fold(lambda a, b, i=model_id: store.read_rows(i, "inverse", a, b),
                                  targets[model_id][0], fold_rows, chunk_rows(k)))
     folded = parallel.process_concat(np.stack(parts, axis=1)).transpose(1, 0, 2)
     del parts
@@ -334,9 +318,9 @@ def _score_streams(store, used, folded, n, chunk, mesh, top_k, target_chunk):
         train, q = [], []
         for i in used:  # each closed on the way out, even if a later one fails to open
             train.append(streams.enter_context(contextlib.closing(
-                RowStream(store.array_path(i, "grads"), (n, k), np.float32))))
+                store.row_stream(i, "grads", (n, k), np.float32))))
             q.append(streams.enter_context(contextlib.closing(
-                RowStream(store.array_path(i, "out_to_loss"), (n,), np.float32))))
+                store.row_stream(i, "out_to_loss", (n,), np.float32))))
 
         def read_train(start, stop):
             return np.stack([s.read(start, stop) for s in train])
@@ -364,22 +348,20 @@ def _score_process_rows(store, used, folded, n, chunk, mesh, top_k, target_chunk
         try:
             for model_id in used:
                 for name in ("grads", "out_to_loss"):
-                    verify_file(store.array_path(model_id, name), store.record(model_id, name),
-                                f"{name}.npy of model_id={model_id}",
-                                f"Delete the folder {str(store.model_dir(model_id))!r} and "
-                                f"featurize model_id={model_id} again.")
+                    store.verify_rows(model_id, name, f"{name}.npy of model_id={model_id}",
+                                      f"Delete the folder {str(store.model_dir(model_id))!r} "
+                                      f"and featurize model_id={model_id} again.")
         except ValueError as err:
             error = err
     if parallel.broadcast_int(int(error is not None)):
         raise error or ValueError("process 0 of this job found a stored training array that "
                                   "does not match its record; its error says which.")
-    paths = [(store.array_path(i, "grads"), store.array_path(i, "out_to_loss")) for i in used]
-
     def read_train(start, stop):
-        return np.stack([read_rows(g, start, stop) for g, _ in paths])
+        return np.stack([store.read_rows(i, "grads", start, stop) for i in used])
 
     def read_weights(start, stop):
-        return np.asarray(row_weights(np.stack([read_rows(q, start, stop) for _, q in paths])))
+        return np.asarray(row_weights(np.stack([store.read_rows(i, "out_to_loss", start, stop)
+                                                for i in used])))
 
     mine = stream_scores(read_train, read_weights, folded, n, chunk, mesh, top_k=top_k,
                          target_chunk=target_chunk, rows=parallel.process_rows(n))

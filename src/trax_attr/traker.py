@@ -38,7 +38,7 @@ from .models import as_model
 from .projection import get_projector
 from .settings import (MAX_MODEL_ID, Settings, check_int, check_model_ids, learned_config,
                        refuse_unknown)
-from .store import Store
+from .store import open_store
 from .tasks import ModelOutput, get_task
 
 __all__ = ["TRAKer"]
@@ -61,7 +61,8 @@ class TRAKer:
         :class:`trax_attr.Model`.
       task: a task name (``"image_classification"``), or a :class:`ModelOutput`.
       train_set_size: n, the number of training examples.
-      save_dir: folder of the store; an existing store is resumed if its settings match.
+      save_dir: folder of the store, or a URL (``s3://bucket/prefix``, ``gs://...``, see
+        docs/scaling.md); an existing store is resumed if its settings match.
       proj_dim: k, the projected dimension (ignored by the identity projector).
       projector: ``"rademacher"``, ``"normal"``, ``"identity"`` or a projector such as
         ``trax_attr.rademacher(2048)`` or ``trax_attr.kronecker(16, 16)``.
@@ -110,7 +111,7 @@ class TRAKer:
             "chunk_rows", chunk_rows, low=1, or_none="sized from proj_dim")
         self.nonfinite = batches.check_nonfinite_mode(nonfinite)
         self.mesh = parallel.check_mesh(mesh)
-        self.store = Store(save_dir, self.settings.to_config())
+        self.store = open_store(save_dir, self.settings.to_config())
         self.save_dir = self.store.root
         self._progress = batches.Progress(progress)
         self._featurizer: Featurizer | None = None

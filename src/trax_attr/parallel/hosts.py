@@ -14,16 +14,29 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["process_rows", "process_sum", "process_allgather", "process_concat", "barrier",
+__all__ = ["ROW_BLOCK", "process_rows", "process_sum", "process_allgather", "process_concat", "barrier",
            "broadcast_int"]
 
 
+ROW_BLOCK = 256  # process_rows boundaries are multiples of it (chunks of object stores)
+
+
 def process_rows(n: int, process_index: int | None = None,
-                 process_count: int | None = None) -> range:
-    """This process's contiguous slice of ``range(n)``; the slices tile it in process order."""
+                 process_count: int | None = None, *, block: int = ROW_BLOCK) -> range:
+    """This process's contiguous slice of ``range(n)``; the slices tile it in process order.
+
+    Slices start at multiples of ``block`` rows: every chunk of rows of an object store
+    (a power of two dividing :data:`ROW_BLOCK`) then belongs to one process's slice, so
+    no two hosts write one object. ``block=1``: slices as even as can be.
+    """
     index = jax.process_index() if process_index is None else int(process_index)
     count = jax.process_count() if process_count is None else int(process_count)
-    return range(n * index // count, n * (index + 1) // count)
+    blocks = -(-int(n) // block)
+
+    def start(i):
+        return min(int(n), block * (blocks * i // count))
+
+    return range(start(index), start(index + 1))
 
 
 def process_allgather(x: np.ndarray) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""The on-disk store of a TRAK run (see :mod:`.store`): its errors, safe reads, checksums,
-writes, locks, layout, settings record and experiments."""
+"""The store of a TRAK run: a local folder (:mod:`.store`: its errors, safe reads,
+checksums, writes, locks, layout, settings record and experiments) or a URL
+(:mod:`.objstore`, on tensorstore), behind one interface (:mod:`.backend`)."""
 
+from .backend import StoreBackend, is_url, open_store
 from .checksums import file_record, row_checks
 from .errors import StoreBusyError, StoreCorruptedError, StoreWriteError
 from .layout import FORMAT_VERSION, check_model_id, check_name
@@ -9,4 +11,5 @@ from .store import Store
 from .writes import write_rows
 
 __all__ = ["FORMAT_VERSION", "Store", "StoreBusyError", "StoreCorruptedError", "StoreWriteError",
-           "check_model_id", "check_name", "file_record", "read_rows", "row_checks", "write_rows"]
+           "StoreBackend", "check_model_id", "check_name", "file_record", "is_url", "open_store",
+           "read_rows", "row_checks", "write_rows"]

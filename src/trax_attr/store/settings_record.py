@@ -38,7 +38,7 @@ class SettingsRecord:
 
     def _read_store_meta(self) -> None:
         path = self.root / "store.json"
-        meta = check_store_meta(path, read_json(self._inside(path)), FORMAT_VERSION)
+        meta = check_store_meta(path, self._read_json(path), FORMAT_VERSION)
         self.config, self._keys = meta["config"], sorted(meta["settings"]["keys"])
         self.digest = self._digest()
         if self.digest != meta["settings"]["digest"]:
@@ -54,8 +54,16 @@ class SettingsRecord:
                 raise StoreCorruptedError(f"{str(path)!r} holds invalid settings ({err}). "
                                           + repair_hint(path)) from None
 
+    def _read_json(self, path) -> dict[str, Any]:
+        """The JSON object at ``path`` (a file of save_dir; an object of a URL store)."""
+        return read_json(self._inside(path))
+
+    def _write_json(self, path, data: dict[str, Any]) -> None:
+        """Replace ``path`` by ``data``, atomically (call with the meta lock held)."""
+        write_json_atomic(path, data)
+
     def _write_store_meta(self) -> None:
-        write_json_atomic(self.root / "store.json", {
+        self._write_json(self.root / "store.json", {
             "format": "trax_attr.store", "version": FORMAT_VERSION, "config": self.config,
             "settings": {"keys": self._keys, "digest": self.digest}})
 

@@ -40,17 +40,29 @@ from typing import Any
 import numpy as np
 
 from ..hashing import digest
-from .checksums import read_verified
+from .checksums import RowStream, read_verified, verify_file
 from .errors import StoreBusyError, StoreCorruptedError, StoreWriteError, repair_hint, writing
 from .experiments import ExperimentFiles
 from .layout import check_model_id, check_name, model_id_of
 from .locks import flock
-from .reading import open_file, open_memmap, present, read_json
+from .reading import open_file, open_memmap, present, read_json, read_rows
 from .schema import BOUND, check_model_meta
 from .settings_record import SettingsRecord
 from .writes import RowArrays, create_zeros, stage_array, write_flagged_rows, write_json_atomic
 
-__all__ = ["Store", "StoreBusyError", "StoreWriteError", "StoreCorruptedError", "RowArrays"]
+__all__ = ["Store", "StoreBusyError", "StoreWriteError", "StoreCorruptedError", "RowArrays",
+           "check_flags"]
+
+_DONE_CHUNK = 1 << 20      # rows of a done bitmap (1 byte each) read at once
+
+
+def check_flags(flags: np.ndarray, start: int, where: str, model_id: int, folder: str) -> None:
+    """Refuse done flags other than 0, 1 and 2 (rows ``start...``), naming ``where``."""
+    if (flags > 2).any():
+        raise StoreCorruptedError(
+            f"{where!r} holds done flags other than 0, 1 and 2 (e.g. row "
+            f"{int(np.argmax(flags > 2)) + start}); it is corrupted. Delete the folder "
+            f"{folder!r} and featurize model_id={model_id} again.")
 
 
 class Store(SettingsRecord, ExperimentFiles):
@@ -261,6 +273,37 @@ class Store(SettingsRecord, ExperimentFiles):
         """The size and digest recorded for a finished file of ``model_id``, or None."""
         meta = self.model_meta(model_id) or {}
         return meta.get("arrays", {}).get(f"{check_name('array', name)}.npy")
+
+    # --- rows, by checkpoint and name (what the pipeline reads: see .backend) ------------
+    def has_rows(self, model_id: int) -> bool:
+        """Whether ``model_id`` has row arrays (some rows were featurized)."""
+        return present(self.array_path(model_id, "done"))
+
+    def read_rows(self, model_id: int, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of a checkpoint's array ``name`` (plain file IO)."""
+        return read_rows(self.array_path(model_id, name), start, stop)
+
+    def row_stream(self, model_id: int, name: str, shape=None, dtype=None) -> RowStream:
+        """The rows of a checkpoint's array ``name`` read in order and hashed as read."""
+        return RowStream(self.array_path(model_id, name), shape, dtype)
+
+    def verify_rows(self, model_id: int, name: str, what: str, fix: str) -> None:
+        """Check a checkpoint's array ``name`` against its record (StoreCorruptedError)."""
+        verify_file(self.array_path(model_id, name), self.record(model_id, name), what, fix)
+
+    def missing_rows(self, model_id: int, n: int) -> tuple[list[int], int]:
+        """(first few missing training rows, how many) of a checkpoint, read in chunks."""
+        done = self.array_path(model_id, "done")
+        if not present(done):
+            return list(range(min(n, 8))), n
+        first, count = [], 0
+        for start in range(0, n, _DONE_CHUNK):
+            flags = read_rows(done, start, start + _DONE_CHUNK)
+            check_flags(flags, start, str(done), model_id, str(done.parent))
+            left = np.flatnonzero(flags == 0)
+            count += left.size
+            first.extend((left[: 8 - len(first)] + start).tolist())
+        return first, count
 
     def rows_done(self, model_id: int, exp_name: str | None = None) -> np.ndarray:
         """The done flags ``(n,) u1`` of a checkpoint's training rows (or of its target
