@@ -29,8 +29,10 @@ $(VENV)/.docs: pyproject.toml $(LOCK) | $(BIN)/python
 demo: $(VENV)/.demo
 	$(BIN)/trax-attr demo
 
+# the suite over every core (pytest-xdist; one test file per worker, so a module's fixtures
+# are built once); tests/conftest.py shares one JAX compilation cache between the workers
 test: $(VENV)/.test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 docs: $(VENV)/.docs
 	$(BIN)/python -m mkdocs build --strict --site-dir site

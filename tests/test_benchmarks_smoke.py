@@ -20,7 +20,7 @@ def _env():
 def test_run_all_quick():
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick"],
                    check=True, cwd=ROOT, env=_env(),
-                   timeout=300)
+                   timeout=900)
     rows = json.loads((ROOT / "benchmarks/results/projection_roofline_quick.json").read_text())["rows"]
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
     assert all(r["project_flops"] > 0 and r["matmul_flops"] > 0 for r in rows)
@@ -68,7 +68,7 @@ def test_run_all_quick():
 def test_fresh_process_quick():
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fresh_process.py"), "--quick"],
                    check=True, cwd=ROOT, env=_env(),
-                   timeout=300)
+                   timeout=900)
     (row,) = json.loads((ROOT / "benchmarks/results/fresh_process_quick.json").read_text())["rows"]
     phases = ("featurize", "finalize_features", "score", "finalize_scores")
     for lib in ("trax_attr", "traker 0.3.2"):
