@@ -29,12 +29,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for schema in (("nms", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
-               ("qnms", "(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")):
-    try:  # torchvision's compiled ops do not load next to torch 2.13.0+cpu (docs/models.md)
-        torch.library.define(f"torchvision::{schema[0]}", schema[1])
-    except RuntimeError:
-        pass
+sys.path.insert(0, str(ROOT / "tests"))
+from torchvision_ops import define_torchvision_ops  # noqa: E402
+
+define_torchvision_ops()  # torchvision's compiled ops do not load next to torch 2.13.0+cpu
 sys.path.insert(0, str(ROOT / "tests" / "zoo"))
 
 import trax_attr  # noqa: E402
