@@ -154,7 +154,7 @@ def check_batch(task, apply, params, state, batch: tuple, rows: np.ndarray,
         err = failed[0]
         if isinstance(err, CheckpointMismatchError):
             raise err  # the checkpoint's leaves are at fault, not the batch: named already
-        message = (str(err).strip().splitlines() or [""])[0]
+        message = (str(err).strip().splitlines() or [""])[0].rstrip(".")
         raise ValueError(
             f"the model cannot run on this batch ({_describe(batch)}): "
             f"{type(err).__name__}: {message[:1200]}"
