@@ -199,8 +199,10 @@ class Block(linen.Module):
 def block_variables(digits_nhwc):
     """Variables after one train-mode step of the BatchNorm statistics."""
     (x, _), _ = digits_nhwc
-    variables = Block().init(jax.random.key(0), jnp.asarray(x[:2]), train=False)
-    _, updates = Block().apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    variables = jax.jit(functools.partial(Block().init, train=False))(
+        jax.random.key(0), jnp.asarray(x[:2]))
+    step = jax.jit(functools.partial(Block().apply, train=True, mutable=["batch_stats"]))
+    _, updates = step(variables, jnp.asarray(x))  # one compilation, not one per op
     return {"params": variables["params"], **updates}
 
 
@@ -235,8 +237,8 @@ def test_linen_features_equal_jax_autodiff(block_variables, digits_nhwc, tmp_pat
         logits = Block().apply({"params": params, **stats}, image[None], train=False)[0]
         return classification_margin(logits, label)
 
-    grads = jax.vmap(jax.grad(margin), in_axes=(None, 0, 0))(block_variables["params"],
-                                                             jnp.asarray(x), jnp.asarray(y))
+    grads = jax.jit(jax.vmap(jax.grad(margin), in_axes=(None, 0, 0)))(
+        block_variables["params"], jnp.asarray(x), jnp.asarray(y))
     flat = jnp.concatenate([g.reshape(N_TRAIN, -1) for g in jax.tree_util.tree_leaves(grads)],
                            axis=1)
     want = np.asarray(flat) / np.sqrt(flat.shape[1])

@@ -49,6 +49,7 @@ def test_converted_route_agrees(resnet, data, torch_scores, tmp_path):
         model, "image_classification", train, targets, tmp_path, proj_dim=256,
         grad_wrt=GRAD_WRT, batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="resnet18 converted vs torch")
+    zoo.assert_converted_outputs(model, resnet, targets[:1])
 
 
 def test_matches_traker_without_projection(resnet, data, tmp_path):
