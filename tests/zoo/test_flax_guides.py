@@ -24,7 +24,7 @@ from trax_attr.gradients import leaf_path
 from trax_attr.models.checkpoints import load_checkpoint_dir
 from trax_attr.tasks import classification_margin
 
-N_TRAIN, N_TARGETS = 32, 8
+N_TRAIN, N_TARGETS = 16, 8  # training rows featurized 8 at a time: one batch shape
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,9 @@ def trak_train_features(model, checkpoint, data, tmp_path, **kwargs):
     traker = trax_attr.TRAKer(model=model, task="image_classification", train_set_size=N_TRAIN,
                               save_dir=tmp_path, proj_dim=64, proj_dtype=jnp.float32, **kwargs)
     traker.load_checkpoint(checkpoint, model_id=0)
-    traker.featurize(batch=(x, y), num_samples=N_TRAIN)
+    for start in range(0, N_TRAIN, N_TARGETS):
+        traker.featurize(batch=(x[start:start + N_TARGETS], y[start:start + N_TARGETS]),
+                         num_samples=N_TARGETS)
     traker.finalize_features()
     traker.start_scoring_checkpoint(exp_name="t", checkpoint=checkpoint, model_id=0,
                                     num_targets=N_TARGETS)

@@ -24,7 +24,7 @@ from trax_attr import interop
 
 pytest.importorskip("transformers", reason="needs transformers (the zoo extra; docs/models.md)")
 
-N_TRAIN, N_TARGETS = 16, 4  # featurized 4 at a time: one batch shape, one compilation
+N_TRAIN, N_TARGETS = 8, 4  # featurized 4 at a time: one batch shape, one compilation
 
 
 def identity_features(model, task, batch, grad_wrt):

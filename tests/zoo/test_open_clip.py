@@ -18,7 +18,7 @@ from trax_attr import interop
 
 pytest.importorskip("open_clip", reason="needs open_clip_torch (the zoo extra; docs/models.md)")
 
-N_TRAIN, N_TARGETS, N_BANK = 16, 4, 12
+N_TRAIN, N_TARGETS, N_BANK = 8, 4, 12
 
 
 @pytest.fixture(scope="module")

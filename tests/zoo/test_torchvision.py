@@ -13,7 +13,7 @@ from trax_attr import interop
 
 pytest.importorskip("torchvision", reason="needs torchvision (the zoo extra; docs/models.md)")
 
-N_TRAIN, N_TARGETS = 16, 4  # featurized 4 at a time: one batch shape, one compilation
+N_TRAIN, N_TARGETS = 8, 4  # featurized 4 at a time: one batch shape, one compilation
 # BatchNorm of the last stage and the head: gradients flow back through the deep layers,
 # and d (9,226) keeps the zoo fast.
 GRAD_WRT = ["layer4.*.bn*", "fc.*"]
