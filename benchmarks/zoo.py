@@ -1,7 +1,8 @@
 """The model zoo's featurize throughput: each route of trax_attr against traker 0.3.2.
 
 The tiny models of tests/zoo (torchvision resnet18, HF BERT and GPT-2, HF CLIPModel,
-open_clip CLIP; random init, nothing downloaded), each through its TRAKer (store writes
+open_clip CLIP; random init, nothing downloaded; transformers of two layers, where the
+tests use one), each through its TRAKer (store writes
 included) with the same parameters differentiated, proj_dim and float32 projection:
 trax_attr's backend="torch" and backend="converted" (where the converter takes the model),
 and traker 0.3.2 on the CPU (BasicProjector) where traker has the task, called as its users
@@ -29,12 +30,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-for schema in (("nms", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"),
-               ("qnms", "(Tensor qdets, Tensor qscores, float iou_threshold) -> Tensor")):
-    try:  # torchvision's compiled ops do not load next to torch 2.13.0+cpu (docs/models.md)
-        torch.library.define(f"torchvision::{schema[0]}", schema[1])
-    except RuntimeError:
-        pass
+sys.path.insert(0, str(ROOT / "tests"))
+from torchvision_ops import define_torchvision_ops  # noqa: E402
+
+define_torchvision_ops()  # torchvision's compiled ops do not load next to torch 2.13.0+cpu
 sys.path.insert(0, str(ROOT / "tests" / "zoo"))
 
 import trax_attr  # noqa: E402
@@ -106,7 +105,7 @@ def cases(n_batches, size):
     yield ("torchvision resnet18 (16x16, layer4 BN + fc)", resnet, "image_classification",
            images, resnet_wrt, (resnet, "image_classification", images, resnet_names))
 
-    bert = zoo.bert()
+    bert = zoo.bert(layers=2)
     text = batched(zoo.text, n_batches, size)
     reorder = [(b[0], b[2], b[1], b[3]) for b in text]
     names = [n for n, _ in bert.named_parameters()]
@@ -114,12 +113,13 @@ def cases(n_batches, size):
            text, None, (TrakerTextModel(bert), "text_classification", reorder,
                         [f"model.{n}" for n in names]))
 
-    gpt2 = zoo.gpt2()
+    gpt2 = zoo.gpt2(layers=2)
     lm = [zoo.text(seed, size, length=10, vocab=48)[:2] for seed in range(n_batches)]
     yield "HF GPT2LMHeadModel (2 layers, 32 wide)", gpt2, "causal_lm", lm, None, None
 
-    for name, module in (("HF CLIPModel (2+2 layers, 32 wide)", zoo.hf_clip()),
-                         ("open_clip CLIP (2+2 layers, 32 wide)", zoo.open_clip_model())):
+    for name, module in (
+            ("HF CLIPModel (2+2 layers, 32 wide)", zoo.hf_clip(layers=2)),
+            ("open_clip CLIP (2+2 layers, 32 wide)", zoo.open_clip_model(layers=2))):
         images, texts, _ = zoo.clip_pairs(9, 16)
         bank = trax_attr.clip_embedding_bank(module, None, images, texts, backend="torch")
         task = trax_attr.CLIP(bank=bank, key=jax.random.key(0), num_compare=8)

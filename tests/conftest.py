@@ -66,21 +66,16 @@ def linear_checkpoints(digits):
     return out
 
 
-
 @pytest.fixture(scope="session")
 def torchvision():
     """torchvision, importable next to a CPU-only torch 2.13 (skips without it).
 
-    torchvision 0.28's compiled ops cannot load with torch 2.13.0+cpu, and its meta
-    registrations then fail on the missing ``torchvision::nms``. Its models are pure
-    Python: defining the two operators the registrations expect is enough to import
-    them (and open_clip, which imports torchvision). Test-only: the library never needs it.
+    torchvision 0.28's compiled ops cannot load with torch 2.13.0+cpu; its models are pure
+    Python, and defining the two operators its import expects is enough
+    (tests/torchvision_ops.py). Test-only: the library never needs it.
     """
-    torch = pytest.importorskip("torch", reason="torchvision tests need torch")
-    for name in ("nms", "qnms"):
-        try:
-            torch.library.define(f"torchvision::{name}",
-                                 "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        except RuntimeError:  # already defined (the compiled ops loaded, or a second call)
-            pass
+    pytest.importorskip("torch", reason="torchvision tests need torch")
+    from torchvision_ops import define_torchvision_ops
+
+    define_torchvision_ops()
     return pytest.importorskip("torchvision", reason="torchvision is not installed")

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .models.checkpoints import CheckpointMismatchError
+
 __all__ = ["NonFiniteError", "NonFiniteWarning", "NONFINITE_MODES", "nonfinite_rows",
            "check_nonfinite_mode", "as_batch", "check_batch", "check_finite_weights",
            "batch_rows", "todo", "finish_rows"]
@@ -150,7 +152,9 @@ def check_batch(task, apply, params, state, batch: tuple, rows: np.ndarray,
             raise
     if failed and traced:
         err = failed[0]
-        message = (str(err).strip().splitlines() or [""])[0]
+        if isinstance(err, CheckpointMismatchError):
+            raise err  # the checkpoint's leaves are at fault, not the batch: named already
+        message = (str(err).strip().splitlines() or [""])[0].rstrip(".")
         raise ValueError(
             f"the model cannot run on this batch ({_describe(batch)}): "
             f"{type(err).__name__}: {message[:1200]}"

@@ -28,21 +28,45 @@ def test_checkpoints_as_state_dict_path_or_module(torch_cnn, tmp_path):
 
 
 def test_checkpoint_mismatch_is_named(torch_cnn, tmp_path):
+    """Missing, unexpected and reshaped tensors are named together, when loaded."""
+    from trax_attr.models.checkpoints import CheckpointMismatchError
+
     model = interop.torch_model(torch_cnn)
-    state = dict(torch_cnn.state_dict())
+    state = dict(torch_cnn.state_dict(), **{"fc.weight": torch.zeros(3, 16),
+                                             "head.weight": torch.zeros(2)})
     del state["fc.bias"]
-    with pytest.raises(ValueError, match=r"missing \['fc.bias'\]"):
+    with pytest.raises(CheckpointMismatchError,
+                       match=r"missing from the checkpoint: fc.bias; in the checkpoint but not "
+                             r"the module: head.weight; shapes differ \(checkpoint vs module\): "
+                             r"fc.weight: \(3, 16\) vs \(10, 16\)"):
         model.split(state)
     wrapped = {f"module.{k}": v for k, v in torch_cnn.state_dict().items()}
-    with pytest.raises(ValueError, match="DataParallel"):
+    with pytest.raises(ValueError, match=r"'module.' \(a DataParallel wrapper\): strip"):
         model.split(wrapped)
-    wrong = dict(torch_cnn.state_dict(), **{"fc.weight": torch.zeros(3, 16)})
-    with pytest.raises(ValueError, match=r"fc.weight: \(3, 16\) vs \(10, 16\)"):
-        model.split(wrong)
+    training = {"model": torch_cnn.state_dict(), "optimizer": {}, "epoch": 3}
+    with pytest.raises(ValueError, match=r"under 'model' .*: pass checkpoint\['model'\]"):
+        model.split(training)
     path = tmp_path / "not_a_state_dict.pt"
     torch.save([1, 2], path)
     with pytest.raises(TypeError, match="not a state_dict"):
         model.split(path)
+
+
+@pytest.mark.parametrize("backend", ["converted", "torch"])
+def test_checkpoint_in_other_dtype_or_without_counters(torch_cnn, backend):
+    """As module.load_state_dict: a float16 checkpoint is cast to the module's float32 (the
+    torch route used to fail inside its callback), and a state_dict without BatchNorm's
+    num_batches_tracked (a counter no forward pass reads) is accepted."""
+    model = interop.torch_model(torch_cnn, backend=backend)
+    full = torch_cnn.state_dict()
+    half = {k: v.half() if v.is_floating_point() else v for k, v in full.items()
+            if not k.endswith("num_batches_tracked")}
+    params, state = model.split(half)
+    for name, tensor in full.items():
+        if tensor.is_floating_point():
+            got = (params | state)[name]
+            assert got.dtype == np.float32, name
+            np.testing.assert_array_equal(np.asarray(got), tensor.half().float().numpy())
 
 
 def test_backend_choice():

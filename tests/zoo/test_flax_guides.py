@@ -24,7 +24,7 @@ from trax_attr.gradients import leaf_path
 from trax_attr.models.checkpoints import load_checkpoint_dir
 from trax_attr.tasks import classification_margin
 
-N_TRAIN, N_TARGETS = 32, 8
+N_TRAIN, N_TARGETS = 16, 8  # training rows featurized 8 at a time: one batch shape
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,9 @@ def trak_train_features(model, checkpoint, data, tmp_path, **kwargs):
     traker = trax_attr.TRAKer(model=model, task="image_classification", train_set_size=N_TRAIN,
                               save_dir=tmp_path, proj_dim=64, proj_dtype=jnp.float32, **kwargs)
     traker.load_checkpoint(checkpoint, model_id=0)
-    traker.featurize(batch=(x, y), num_samples=N_TRAIN)
+    for start in range(0, N_TRAIN, N_TARGETS):
+        traker.featurize(batch=(x[start:start + N_TARGETS], y[start:start + N_TARGETS]),
+                         num_samples=N_TARGETS)
     traker.finalize_features()
     traker.start_scoring_checkpoint(exp_name="t", checkpoint=checkpoint, model_id=0,
                                     num_targets=N_TARGETS)
@@ -199,8 +201,10 @@ class Block(linen.Module):
 def block_variables(digits_nhwc):
     """Variables after one train-mode step of the BatchNorm statistics."""
     (x, _), _ = digits_nhwc
-    variables = Block().init(jax.random.key(0), jnp.asarray(x[:2]), train=False)
-    _, updates = Block().apply(variables, jnp.asarray(x), train=True, mutable=["batch_stats"])
+    variables = jax.jit(functools.partial(Block().init, train=False))(
+        jax.random.key(0), jnp.asarray(x[:2]))
+    step = jax.jit(functools.partial(Block().apply, train=True, mutable=["batch_stats"]))
+    _, updates = step(variables, jnp.asarray(x))  # one compilation, not one per op
     return {"params": variables["params"], **updates}
 
 
@@ -235,8 +239,8 @@ def test_linen_features_equal_jax_autodiff(block_variables, digits_nhwc, tmp_pat
         logits = Block().apply({"params": params, **stats}, image[None], train=False)[0]
         return classification_margin(logits, label)
 
-    grads = jax.vmap(jax.grad(margin), in_axes=(None, 0, 0))(block_variables["params"],
-                                                             jnp.asarray(x), jnp.asarray(y))
+    grads = jax.jit(jax.vmap(jax.grad(margin), in_axes=(None, 0, 0)))(
+        block_variables["params"], jnp.asarray(x), jnp.asarray(y))
     flat = jnp.concatenate([g.reshape(N_TRAIN, -1) for g in jax.tree_util.tree_leaves(grads)],
                            axis=1)
     want = np.asarray(flat) / np.sqrt(flat.shape[1])

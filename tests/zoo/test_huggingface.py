@@ -24,7 +24,7 @@ from trax_attr import interop
 
 pytest.importorskip("transformers", reason="needs transformers (the zoo extra; docs/models.md)")
 
-N_TRAIN, N_TARGETS = 16, 4  # featurized 4 at a time: one batch shape, one compilation
+N_TRAIN, N_TARGETS = 8, 4  # featurized 4 at a time: one batch shape, one compilation
 
 
 def identity_features(model, task, batch, grad_wrt):
@@ -107,6 +107,7 @@ def test_bert_converted_route_agrees(bert, text_data, bert_torch_scores, tmp_pat
         model, "text_classification", train, targets, tmp_path, proj_dim=256,
         batch_size=N_TARGETS)
     zoo.assert_pearson(scores, bert_torch_scores, what="BERT converted vs torch")
+    zoo.assert_converted_outputs(model, bert, targets[:3])
 
 
 class TrakerTextModel(nn.Module):
@@ -159,6 +160,27 @@ def test_mask_goes_in_four_d_and_vmaps(name, request):
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_token_type_ids_a_model_does_not_take_are_refused(tmp_path):
+    """DistilBERT's forward has no token_type_ids, and its **kwargs would swallow them
+    unused: a batch holding them is refused on the first batch, on both routes, saying
+    which inputs this model takes (not blamed on conversion)."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.DistilBertConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2,
+                                           hidden_dim=32, max_position_embeddings=16,
+                                           num_labels=3)
+    module = transformers.DistilBertForSequenceClassification(config).eval()
+    for backend in ("torch", "converted"):
+        traker = trax_attr.TRAKer(model=module, task="text_classification", train_set_size=4,
+                                  save_dir=tmp_path / backend, proj_dim=8, backend=backend)
+        traker.load_checkpoint(None, model_id=0)
+        with pytest.raises(ValueError, match=r"DistilBertForSequenceClassification.forward "
+                           r"takes no token_type_ids.*pass \(input_ids, attention_mask, "
+                           r"labels\)"):
+            traker.featurize(batch=zoo.text(0, 4), num_samples=4)
+
+
 # --- GPT-2: causal LM -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -184,7 +206,7 @@ def test_gpt2_torch_route_matches_torch_autograd(gpt2):
     """GPT-2's second positional argument is its KV cache: the attention mask must reach
     it by name. Features equal torch.autograd's of the causal-LM output written in torch."""
     batch = lm_data(2, 6)
-    names = ["transformer.ln_f.weight", "transformer.h.1.mlp.c_proj.bias"]
+    names = ["transformer.ln_f.weight", "transformer.h.0.mlp.c_proj.bias"]
     phi, q = identity_features(gpt2, "causal_lm", batch, names)
     want = torch_features(gpt2, torch_lm_output, batch, names)
     assert_same_features(phi, want)
@@ -207,6 +229,7 @@ def test_gpt2_one_line_and_converted(gpt2, tmp_path):
         model, "causal_lm", train, targets, tmp_path / "converted", proj_dim=256,
         batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="GPT-2 converted vs torch")
+    zoo.assert_converted_outputs(model, gpt2, targets)
 
 
 # --- CLIP ----------------------------------------------------------------------------------
@@ -262,3 +285,4 @@ def test_hf_clip_one_line_and_converted(hf_clip, clip_task, tmp_path):
         model, clip_task, train, targets, tmp_path / "converted", proj_dim=256,
         batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="HF CLIP converted vs torch")
+    zoo.assert_converted_outputs(model, hf_clip, targets[:2])

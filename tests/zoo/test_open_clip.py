@@ -18,7 +18,7 @@ from trax_attr import interop
 
 pytest.importorskip("open_clip", reason="needs open_clip_torch (the zoo extra; docs/models.md)")
 
-N_TRAIN, N_TARGETS, N_BANK = 16, 4, 12
+N_TRAIN, N_TARGETS, N_BANK = 8, 4, 12
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,7 @@ def test_converted_route_agrees(model, bank_pairs, torch_scores, tmp_path):
         converted, task_of(model, bank_pairs, backend="converted"), train, targets,
         tmp_path, proj_dim=256, batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="open_clip converted vs torch")
+    zoo.assert_converted_outputs(converted, model, targets[:2])
 
 
 def test_matches_traker_without_projection(model, bank_pairs, tmp_path):

@@ -13,7 +13,7 @@ from trax_attr import interop
 
 pytest.importorskip("torchvision", reason="needs torchvision (the zoo extra; docs/models.md)")
 
-N_TRAIN, N_TARGETS = 16, 4  # featurized 4 at a time: one batch shape, one compilation
+N_TRAIN, N_TARGETS = 8, 4  # featurized 4 at a time: one batch shape, one compilation
 # BatchNorm of the last stage and the head: gradients flow back through the deep layers,
 # and d (9,226) keeps the zoo fast.
 GRAD_WRT = ["layer4.*.bn*", "fc.*"]
@@ -49,6 +49,7 @@ def test_converted_route_agrees(resnet, data, torch_scores, tmp_path):
         model, "image_classification", train, targets, tmp_path, proj_dim=256,
         grad_wrt=GRAD_WRT, batch_size=N_TARGETS)
     zoo.assert_pearson(scores, torch_scores, what="resnet18 converted vs torch")
+    zoo.assert_converted_outputs(model, resnet, targets[:1])
 
 
 def test_matches_traker_without_projection(resnet, data, tmp_path):

@@ -44,11 +44,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["Called", "is_huggingface", "needs_convention", "PREFIX"]
+__all__ = ["Called", "InputsError", "is_huggingface", "needs_convention", "PREFIX"]
 
 PREFIX = "model."  # Called holds the module as .model: its names gain this prefix
 
 _CLIP_KEYS = ("image_features", "text_features", "logit_scale")
+
+
+class InputsError(TypeError):
+    """The task's inputs do not fit the model's call (never a conversion problem: the
+    converted route raises it as it is)."""
 
 
 def is_huggingface(module: nn.Module) -> bool:
@@ -116,11 +121,16 @@ def huggingface_call(module: nn.Module, inputs: tuple, mask_checked: dict | None
     else:
         names = (module.main_input_name,)
     if len(inputs) > len(names):
-        raise TypeError(
+        raise InputsError(
             f"{type(module).__name__} (HuggingFace) was called with {len(inputs)} inputs, but "
             f"trax_attr passes a HF model at most {len(names)}, named {list(names)}; give "
             "the task's inputs in that order (see trax_attr.interop.conventions).")
     kwargs = dict(zip(names, inputs))
+    if "token_type_ids" in kwargs and not _accepts(module, "token_type_ids"):
+        raise InputsError(
+            f"{type(module).__name__}.forward takes no token_type_ids (its **kwargs would "
+            "swallow them unused), but the batch holds a third input: pass (input_ids, "
+            "attention_mask, labels) for this model.")
     if _accepts(module, "use_cache"):
         kwargs["use_cache"] = False
     mask = kwargs.get("attention_mask")

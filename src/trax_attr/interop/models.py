@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from trax_attr.models import Model
+from trax_attr.models.checkpoints import CheckpointMismatchError
 
 from .conventions import PREFIX, Called, needs_convention
 from .convert import convert
@@ -50,8 +51,14 @@ def load_state_dict(checkpoint, module: nn.Module) -> dict[str, torch.Tensor]:
         (read with ``torch.load(weights_only=True)``: no code is unpickled).
       module: the architecture the checkpoint must fit.
 
+    Returns:
+      ``{name: tensor}`` for every entry of ``module.state_dict()``, floating tensors in
+      the module's dtypes (a float16 checkpoint of a float32 module is cast, as
+      ``module.load_state_dict`` does).
+
     Raises:
-      ValueError: names missing from or unexpected in the checkpoint, or shapes that differ.
+      CheckpointMismatchError: (a ValueError) names missing from or unexpected in the
+        checkpoint and shapes that differ, all in one message.
       TypeError: a checkpoint of another kind.
     """
     if checkpoint is None:
@@ -72,27 +79,58 @@ def load_state_dict(checkpoint, module: nn.Module) -> dict[str, torch.Tensor]:
             f"a torch checkpoint must be a state_dict, a path to one, an nn.Module or None; "
             f"got {type(checkpoint).__name__}."
         )
+    return _checked(state, module)
+
+
+def _checked(state: Mapping, module: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` checked against ``module.state_dict()`` in names and shapes (all the
+    differences in one message), its floating tensors in the module's dtypes as
+    ``module.load_state_dict`` would copy them; a missing ``num_batches_tracked`` (a
+    counter no forward pass reads) is the module's."""
     expected = module.state_dict()
-    missing = [name for name in expected if name not in state]
+    missing = [name for name in expected if name not in state
+               and not name.endswith("num_batches_tracked")]
     unexpected = [name for name in state if name not in expected]
-    if missing or unexpected:
-        hint = ""
-        if unexpected and all(name.startswith("module.") for name in unexpected):
-            hint = " The names start with 'module.' (a DataParallel wrapper): strip that prefix."
-        raise ValueError(
-            f"the checkpoint does not fit {type(module).__name__}: missing {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}.{hint} Pass a state_dict of this "
-            "architecture."
-        )
     shapes = [f"{name}: {tuple(state[name].shape)} vs {tuple(value.shape)}"
-              for name, value in expected.items() if tuple(state[name].shape) != tuple(value.shape)]
-    if shapes:
-        raise ValueError(
-            f"the checkpoint's shapes differ from {type(module).__name__}'s (checkpoint vs "
-            f"module): {', '.join(shapes[:8])}. Pass a state_dict of this architecture."
-        )
-    return dict(state)
+              for name, value in expected.items()
+              if name in state and tuple(state[name].shape) != tuple(value.shape)]
+    if missing or unexpected or shapes:
+        shown = lambda names: ", ".join(names[:8]) + (  # noqa: E731
+            f" ... ({len(names)} in all)" if len(names) > 8 else "")
+        lines = ([f"missing from the checkpoint: {shown(missing)}"] if missing else []) + (
+            [f"in the checkpoint but not the module: {shown(unexpected)}"] if unexpected
+            else []) + ([f"shapes differ (checkpoint vs module): {shown(shapes)}"] if shapes
+                        else [])
+        raise CheckpointMismatchError(
+            f"the checkpoint does not fit {type(module).__name__}: {'; '.join(lines)}."
+            f"{_hint(state, expected)} Pass a state_dict of this architecture "
+            "(model.state_dict() of the model trained).")
+    out = {}
+    for name, value in expected.items():
+        tensor = state.get(name, value)
+        if tensor.is_floating_point() and value.is_floating_point():
+            tensor = tensor.to(value.dtype)  # as load_state_dict copies into the module
+        out[name] = tensor
+    return out
+
+
+def _hint(state: Mapping, expected: Mapping) -> str:
+    """The usual causes of names that differ: a wrapper's prefix, a training checkpoint
+    holding the state_dict under a key."""
+    names = list(state)
+    for prefix in ("module.", "_orig_mod.", "model."):
+        if names and all(name.startswith(prefix) for name in names) and any(
+                name[len(prefix):] in expected for name in names):
+            wrapper = {"module.": "a DataParallel wrapper", "_orig_mod.": "torch.compile",
+                       "model.": "a wrapper module"}[prefix]
+            return (f" The names start with {prefix!r} ({wrapper}): strip that prefix, "
+                    f"{{k.removeprefix({prefix!r}): v for k, v in state.items()}}.")
+    nested = [key for key, value in state.items() if isinstance(value, Mapping)
+              and any(name in expected for name in value)]
+    if nested:
+        return (f" The checkpoint holds the state_dict under {nested[0]!r} (a training "
+                f"checkpoint): pass checkpoint[{nested[0]!r}].")
+    return ""
 
 
 def _to_jax(tensor: torch.Tensor) -> jax.Array:

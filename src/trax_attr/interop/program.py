@@ -14,6 +14,7 @@ import torch
 from torch.export.graph_signature import ConstantArgument, InputKind, OutputKind
 
 from .aten import UnsupportedOpError, op_name
+from .conventions import InputsError
 from .aten.base import dtype as jax_dtype
 from .aten.base import to_numpy
 from .interpret import run
@@ -90,6 +91,8 @@ def _export(module, call, where):
         for kept in KEPT_OPS:
             table.pop(kept, None)
         return exported.run_decompositions(table)
+    except InputsError:  # the inputs do not fit the model: not a conversion problem
+        raise
     except Exception as err:  # export raises many types; the cause is kept
         text = str(err).strip().splitlines()
         hint = ""

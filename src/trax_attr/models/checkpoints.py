@@ -23,9 +23,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_checkpoint_dir", "save_checkpoint_dir", "leaf_differences"]
+__all__ = ["load_checkpoint_dir", "save_checkpoint_dir", "leaf_differences",
+           "CheckpointMismatchError"]
 
 _METADATA = "_CHECKPOINT_METADATA"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose leaves differ from the model's, the differing leaves named.
+
+    Raised by the adapters' ``split`` when a checkpoint is loaded, or, for models whose
+    shapes are known only from inputs (an unbound linen module), when the first batch is
+    traced; never rephrased as a problem of the batch."""
 
 
 def _pure(checkpoint) -> Any:
@@ -158,7 +167,8 @@ def load_checkpoint_dir(path: str | os.PathLike, like=None, *, step: int | None 
       levels), or with ``like`` an ``nnx.State`` / pytree of ``like``'s structure.
 
     Raises:
-      ValueError: with ``like``, the leaves that differ (missing, unexpected, shapes).
+      CheckpointMismatchError: (a ValueError) with ``like``, the leaves that differ
+        (missing, unexpected, shapes).
     """
     import jax
     import orbax.checkpoint as ocp
@@ -173,7 +183,7 @@ def load_checkpoint_dir(path: str | os.PathLike, like=None, *, step: int | None 
     pure = _without_value_level(restored)
     differences = leaf_differences(pure, like)
     if differences:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint {str(folder)!r} does not fit the model given as like: "
             f"{'; '.join(differences)}. Pass a model of the architecture that was saved "
             "(the same layers and sizes).")
