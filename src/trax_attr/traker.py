@@ -39,6 +39,7 @@ from .projection import get_projector
 from .settings import (MAX_MODEL_ID, Settings, check_int, check_model_ids, learned_config,
                        refuse_unknown)
 from .store import Store
+from .store.writes import KeptRows
 from .tasks import ModelOutput, get_task
 
 __all__ = ["TRAKer"]
@@ -119,6 +120,7 @@ class TRAKer:
         self._scoring: dict[str, Any] | None = None
         self._shapes: dict = {}
         self._resident = Resident()  # batch sizes compiled; the last checkpoint's P
+        self._rows = KeptRows()  # the row arrays of the last batch, kept open
 
     # --- checkpoints ---------------------------------------------------------------------
     @property
@@ -207,7 +209,8 @@ class TRAKer:
                     "save_dir); a resumed script can skip checkpoints where "
                     "traker.finalized(model_id).")
             self._check_batch(loaded, batch, inds)
-            arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
+            arrays = self._rows.get(("train", loaded.model_id), lambda: self.store.model_arrays(
+                loaded.model_id, self.train_set_size, self.proj_dim))
             batches.write_batch(
                 self.store, arrays, batch, inds, lambda work: self._features(loaded, work),
                 {"grads": "projected gradients",
@@ -323,8 +326,8 @@ class TRAKer:
                                   "target")
         with self.store.experiment_lock(exp, shared=True, doing="score"):
             self._check_batch(loaded, batch, inds)
-            arrays = self.store.target_arrays(exp, loaded.model_id, s["num_targets"],
-                                              self.proj_dim)
+            arrays = self._rows.get((exp, loaded.model_id, s["num_targets"]), lambda: (
+                self.store.target_arrays(exp, loaded.model_id, s["num_targets"], self.proj_dim)))
             batches.write_batch(
                 self.store, arrays, batch, inds, lambda work: self._features(loaded, work),
                 {"grads": "projected target gradients"}, kind="target", mode=self.nonfinite,
