@@ -78,3 +78,12 @@ def test_a_record_without_a_known_digest_is_no_record(npy):
     assert record_digest(record) is None and not is_record(record)
     with pytest.raises(StoreCorruptedError, match="no size and checksum record"):
         verify_file(npy, record, "a.npy", "fix it")
+
+
+def test_a_staged_array_is_recorded_from_the_bytes_written(tmp_path):
+    from trax_attr.store.writes import save_array
+
+    value = np.arange(12, dtype=np.float32).reshape(3, 4)
+    record = save_array(tmp_path / "b.npy", value)
+    assert record == file_record(tmp_path / "b.npy")
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), value)

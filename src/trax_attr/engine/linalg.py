@@ -34,10 +34,9 @@ import numpy as np
 import scipy.linalg
 
 __all__ = ["IllConditionedWarning", "gram_block", "inverse_gram", "inverse",
-           "resolve_lambda", "check_lambda", "blas_threads", "CAP_BLAS_FROM", "CONDITION_WARN",
-           "AUTO", "SOLVES", "HOST_SOLVE_LIMIT", "host_solve_bytes", "choose_solve",
-           "check_solve", "gram_rows", "pivot_inverse", "sweep_rows", "condition_warning",
-           "singular_message"]
+           "resolve_lambda", "check_lambda", "blas_threads", "CONDITION_WARN", "AUTO", "SOLVES",
+           "HOST_SOLVE_LIMIT", "host_solve_bytes", "choose_solve", "check_solve", "gram_rows",
+           "pivot_inverse", "sweep_rows", "condition_warning", "singular_message"]
 
 
 def blas_threads() -> int:
@@ -52,18 +51,10 @@ def blas_threads() -> int:
     return max(1, cpus // 2)
 
 
-# Below this k the factorisation (k³ flops, ~20 ms at k = 512) costs less than finding the
-# BLAS to cap: threadpoolctl walks every loaded library (~90 ms in a fresh JAX process).
-CAP_BLAS_FROM = 1024
-
-
-def _capped_blas(k: int):
-    """A context capping the host BLAS at :func:`blas_threads` for a k x k inverse with
-    k >= :data:`CAP_BLAS_FROM` (threadpoolctl, installed with the ``fast`` extra or
-    scikit-learn); without threadpoolctl, no cap (set ``OPENBLAS_NUM_THREADS``
-    yourself)."""
-    if k < CAP_BLAS_FROM:
-        return contextlib.nullcontext()
+def _capped_blas():
+    """A context capping the host BLAS at :func:`blas_threads` (threadpoolctl, installed
+    with the ``fast`` extra or scikit-learn); without threadpoolctl, no cap (set
+    ``OPENBLAS_NUM_THREADS`` yourself)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -128,15 +119,15 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
 
     Warns with :class:`IllConditionedWarning` when the matrix is ill-conditioned; falls
     back to the pseudo-inverse (with a warning) when it is not positive definite, which
-    happens with λ = 0 and fewer training rows than k. From k = :data:`CAP_BLAS_FROM` the
-    host BLAS runs on at most :func:`blas_threads` threads meanwhile.
+    happens with λ = 0 and fewer training rows than k. The host BLAS runs on at most
+    :func:`blas_threads` threads meanwhile.
 
     Args:
       gram: ``(k, k)`` XᵀX (any float dtype).
       lambda_reg: λ ≥ 0, a number (resolve ``"auto"`` first with :func:`resolve_lambda`).
       traker_inverse_rescale: divide A by mean|A| as traker 0.3.2 does.
     """
-    with _capped_blas(np.shape(gram)[0]):
+    with _capped_blas():
         return _inverse_gram(np.asarray(gram, np.float64), lambda_reg, traker_inverse_rescale)
 
 

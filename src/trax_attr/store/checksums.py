@@ -25,8 +25,8 @@ import xxhash
 from .errors import StoreCorruptedError, repair_hint
 from .reading import CHUNK_BYTES, check_shape, file_size, npy_header, open_file
 
-__all__ = ["DIGEST", "DIGESTS", "record_digest", "file_record", "handle_record",
-           "verify_file", "read_verified", "load_array", "RowStream", "row_checks",
+__all__ = ["DIGEST", "DIGESTS", "record_digest", "file_record", "bytes_record",
+           "handle_record", "verify_file", "read_verified", "load_array", "RowStream", "row_checks",
            "verify_row_checks"]
 
 # the digest of the records written; every one of DIGESTS is verified (16 bytes each)
@@ -55,6 +55,15 @@ def file_record(path: Path) -> dict[str, Any]:
     with open_file(path) as handle:
         size, hexdigest = _hash_handle(handle, file_size(handle))
     return {"bytes": size, DIGEST: hexdigest}
+
+
+def bytes_record(parts) -> dict[str, Any]:
+    """:func:`file_record` of a file holding the byte buffers ``parts``, in order."""
+    hasher, size = DIGESTS[DIGEST](), 0
+    for part in parts:
+        hasher.update(part)
+        size += memoryview(part).nbytes
+    return {"bytes": size, DIGEST: hasher.hexdigest()}
 
 
 def _no_record(path: Path, what: str, fix: str) -> StoreCorruptedError:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .checksums import file_record, row_checks
+from .checksums import bytes_record, row_checks
 from .errors import writing
 from .reading import npy_header, open_file
 
@@ -217,17 +217,14 @@ def _write_new(path: Path, suffix: str, header: bytes, data: memoryview | None,
 def stage_array(path: Path, value: np.ndarray) -> tuple[Path, dict[str, Any]]:
     """Write ``value`` as a .npy temp file beside ``path`` (fsynced, blocks reserved first,
     so a full disk fails with ENOSPC before a byte is written); ``(temp path, its
-    file_record)``. Rename it over ``path`` to finish (:func:`save_array`)."""
+    file_record)``, hashed from the bytes written rather than read back. Rename it over
+    ``path`` to finish (:func:`save_array`)."""
     with writing(path, path.name):
         value = np.ascontiguousarray(value)
         header = _header_bytes(value.shape, value.dtype)
-        tmp = _write_new(path, "partial", header, memoryview(value.reshape(-1)).cast("B"),
-                         len(header) + value.nbytes)
-        try:
-            return tmp, file_record(tmp)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        data = memoryview(value.reshape(-1)).cast("B")
+        tmp = _write_new(path, "partial", header, data, len(header) + value.nbytes)
+        return tmp, bytes_record([header, data])
 
 
 def save_array(path: Path, value: np.ndarray) -> dict[str, Any]:
