@@ -17,6 +17,10 @@ of (k, k) (engine.linalg.inverse_gram). The bound of each phase is its minimal w
 those rates: featurize 2·n·d·k·M at the faster dot, finalize_features n·k²·M at the XᵀX
 rate plus M inverses, score 2·500·d·k·M, finalize_scores 2·n·k·500·M (+ k²·500·M) at the
 f32 dot. JSON to benchmarks/results/fresh_process.json (fresh_process_quick.json).
+
+Beyond the phases: "import" (flax and trax_attr; torch and trak), "setup" (the data and
+the M checkpoints: flax's eager init, torch's modules) and "process", the whole child as
+timed by the parent (interpreter start-up included).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LIBRARIES = ("trax_attr", "traker 0.3.2")
 PHASES = ("featurize", "finalize_features", "score", "finalize_scores")
+OUTSIDE = ("import", "setup", "process_s")  # the process beyond the phases
 BATCH, WIDTHS = 256, (64, 256, 256, 10)
 
 
@@ -52,10 +57,12 @@ def data(n: int, targets: int, inputs: int):
 
 
 def run_ours(n, models, k, targets, widths):
+    t0 = time.perf_counter()
     import flax.linen as nn
     import jax
 
     import trax_attr
+    imported = time.perf_counter()
 
     class MLP(nn.Module):
         @nn.compact
@@ -67,6 +74,7 @@ def run_ours(n, models, k, targets, widths):
     (x, y), (tx, ty) = data(n, targets, widths[0])
     ckpts = [MLP().init(jax.random.key(m), x[:1]) for m in range(models)]
     times = dict.fromkeys(PHASES, 0.0)
+    times["import"], times["setup"] = imported - t0, time.perf_counter() - imported
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         traker = trax_attr.TRAKer(model=MLP(), task="image_classification",
@@ -94,9 +102,11 @@ def run_ours(n, models, k, targets, widths):
 
 
 def run_traker(n, models, k, targets, widths):
+    t0 = time.perf_counter()
     import torch
     import trak
     from trak.projectors import BasicProjector, ProjectionType
+    imported = time.perf_counter()
 
     torch.set_num_threads(2)
     (x, y), (tx, ty) = data(n, targets, widths[0])
@@ -112,6 +122,7 @@ def run_traker(n, models, k, targets, widths):
     model = mlp(0)
     ckpts = [mlp(m).state_dict() for m in range(models)]
     times = dict.fromkeys(PHASES, 0.0)
+    times["import"], times["setup"] = imported - t0, time.perf_counter() - imported
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         projector = BasicProjector(grad_dim=grad_dim(widths), proj_dim=k, seed=0,
@@ -212,7 +223,7 @@ def measure(n, m, k, targets, repeats) -> dict:
         machine.append(spawn("rates", n, m, k, targets)[0])
     r = {key: max(x[key] for x in machine) if key != "inverse_s"
          else min(x[key] for x in machine) for key in machine[0]}
-    best = {lib: {p: min(x[p] for x in runs[lib]) for p in PHASES + ("process_s",)}
+    best = {lib: {p: min(x[p] for x in runs[lib]) for p in PHASES + OUTSIDE}
             for lib in LIBRARIES}
     for lib in LIBRARIES:
         best[lib]["total"] = min(sum(x[p] for p in PHASES) for x in runs[lib])
@@ -221,14 +232,15 @@ def measure(n, m, k, targets, repeats) -> dict:
     return {"n_train": n, "models": m, "proj_dim": k, "targets": targets, "d": grad_dim(),
             "repeats": repeats, "rates": r, "bound_s": bound, "best_s": best, "runs": runs,
             "ratio_traker_over_ours": {p: ref[p] / ours[p] for p in
-                                       PHASES + ("total", "process_s")},
+                                       PHASES + ("total",) + OUTSIDE},
             "ours_fraction_of_bound": {p: bound[p] / ours[p] for p in PHASES}}
 
 
 def table(rows) -> str:
     lines = ["| n, M, k | " + " | ".join(f"{p} ours / traker (bound)" for p in PHASES)
-             + " | total ours / traker (x) | process ours / traker (x) |",
-             "|---" * (len(PHASES) + 3) + "|"]
+             + " | total ours / traker (x) | import, setup ours / traker"
+             " | process ours / traker (x) |",
+             "|---" * (len(PHASES) + 4) + "|"]
     for r in rows:
         o, t, b = r["best_s"]["trax_attr"], r["best_s"]["traker 0.3.2"], r["bound_s"]
         x = r["ratio_traker_over_ours"]
@@ -236,6 +248,8 @@ def table(rows) -> str:
         lines.append(f"| {r['n_train']}, {r['models']}, {r['proj_dim']} | "
                      + " | ".join(cells)
                      + f" | {o['total']:.2f} / {t['total']:.2f} ({x['total']:.2f}x)"
+                     + f" | {o['import']:.2f}, {o['setup']:.2f} / {t['import']:.2f}, "
+                       f"{t['setup']:.2f}"
                      + f" | {o['process_s']:.2f} / {t['process_s']:.2f} ({x['process_s']:.2f}x) |")
     return "\n".join(lines)
 
