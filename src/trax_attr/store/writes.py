@@ -224,7 +224,11 @@ def stage_array(path: Path, value: np.ndarray) -> tuple[Path, dict[str, Any]]:
         header = _header_bytes(value.shape, value.dtype)
         data = memoryview(value.reshape(-1)).cast("B")
         tmp = _write_new(path, "partial", header, data, len(header) + value.nbytes)
-        return tmp, bytes_record([header, data])
+        try:
+            return tmp, bytes_record([header, data])
+        except BaseException:
+            os.unlink(tmp)
+            raise
 
 
 def save_array(path: Path, value: np.ndarray) -> dict[str, Any]:
