@@ -21,7 +21,6 @@ were most of finalize_scores: 0.1-0.6 s against 0.03 s of products at 1k rows).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import jax
@@ -30,7 +29,6 @@ from jax.sharding import Mesh
 
 from . import parallel
 from .engine import TopK, fold_targets, merge_topk
-from .engine.linalg import capped_blas
 from .engine.scores import select_top
 from .parallel import solve as sharded
 
@@ -83,16 +81,13 @@ def stream_gram(read: Callable[[int, int], np.ndarray], rows: range, k: int, chu
     chunk = _rows_chunk(chunk, rows)
     host = np.dtype(dtype) == np.float64 or on_host(mesh)
     shape = None if host else parallel.round_up(chunk, mesh.size)
-    # the host BLAS capped as for the inverse: under load on 2 cores the capped float32
-    # product of 5,000 x 512 rows took 74-102 ms, uncapped 136-184, XLA's 160-189
-    with capped_blas() if host else contextlib.nullcontext():
-        for start in range(rows.start, rows.stop, chunk):
-            block = read(start, min(start + chunk, rows.stop))
-            if host:
-                block = np.asarray(block, dtype)
-                gram += block.T @ block
-            else:
-                gram += np.asarray(parallel.gram(parallel.pad_rows(block, shape), mesh))
+    for start in range(rows.start, rows.stop, chunk):
+        block = read(start, min(start + chunk, rows.stop))
+        if host:
+            block = np.asarray(block, dtype)
+            gram += block.T @ block
+        else:
+            gram += np.asarray(parallel.gram(parallel.pad_rows(block, shape), mesh))
     return gram
 
 

@@ -38,8 +38,7 @@ from .models import as_model
 from .projection import get_projector
 from .settings import (MAX_MODEL_ID, Settings, check_int, check_model_ids, learned_config,
                        refuse_unknown)
-from .store import Store
-from .store.writes import KeptRows
+from .store import KeptRows, Store
 from .tasks import ModelOutput, get_task
 
 __all__ = ["TRAKer"]

@@ -55,8 +55,7 @@ def blas_threads() -> int:
 def capped_blas():
     """A context capping the host BLAS at :func:`blas_threads` (threadpoolctl, installed
     with the ``fast`` extra or scikit-learn); without threadpoolctl, no cap (set
-    ``OPENBLAS_NUM_THREADS`` yourself). Around the inverse and the host XᵀX
-    (:func:`trax_attr.streams.stream_gram`)."""
+    ``OPENBLAS_NUM_THREADS`` yourself)."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:

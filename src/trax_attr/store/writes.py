@@ -21,8 +21,9 @@ from .checksums import bytes_record, row_checks
 from .errors import writing
 from .reading import npy_header, open_file
 
-__all__ = ["RowArrays", "KeptRows", "replace_file_atomic", "write_json_atomic", "fsync_dir", "write_rows",
-           "CHECKED", "write_flagged_rows", "reserve", "stage_array", "save_array", "create_zeros"]
+__all__ = ["RowArrays", "KeptRows", "replace_file_atomic", "write_json_atomic", "fsync_dir",
+           "write_rows", "CHECKED", "write_flagged_rows", "reserve", "stage_array", "save_array",
+           "create_zeros"]
 
 
 def _new_temp(path: Path, suffix: str) -> tuple[Path, int]:
