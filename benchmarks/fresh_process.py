@@ -3,6 +3,7 @@
     PYTHONPATH=src python benchmarks/fresh_process.py                 # n 1k, 5k; M 1, k 512
     PYTHONPATH=src python benchmarks/fresh_process.py --sizes 1000 5000 20000 --mk 1:512 5:2048
     PYTHONPATH=src python benchmarks/fresh_process.py --quick         # the smoke test
+    PYTHONPATH=src python benchmarks/fresh_process.py --sizes 1000 --baseline ../main/src
 
 Every run is a new Python process (imports, JAX compiles and traker's set-up included)
 that featurizes n training rows (batches of 256) of an MLP 64-256-256-10 (d = 85,002) for M
@@ -17,6 +18,14 @@ of (k, k) (engine.linalg.inverse_gram). The bound of each phase is its minimal w
 those rates: featurize 2·n·d·k·M at the faster dot, finalize_features n·k²·M at the XᵀX
 rate plus M inverses, score 2·500·d·k·M, finalize_scores 2·n·k·500·M (+ k²·500·M) at the
 f32 dot. JSON to benchmarks/results/fresh_process.json (fresh_process_quick.json).
+
+``--baseline SRC`` runs a third child in the same alternation: trax_attr imported from
+another source tree (e.g. main's ``src`` before a change), so that before and after are
+measured side by side under the same load.
+
+Beyond the phases: "import" (flax and trax_attr; torch and trak), "setup" (the data and
+the M checkpoints: flax's eager init, torch's modules) and "process", the whole child as
+timed by the parent (interpreter start-up included).
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -37,6 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LIBRARIES = ("trax_attr", "traker 0.3.2")
 PHASES = ("featurize", "finalize_features", "score", "finalize_scores")
+OUTSIDE = ("import", "setup", "process_s")  # the process beyond the phases
+BASELINE = "trax_attr baseline"  # trax_attr from --baseline's source tree
 BATCH, WIDTHS = 256, (64, 256, 256, 10)
 
 
@@ -52,10 +64,12 @@ def data(n: int, targets: int, inputs: int):
 
 
 def run_ours(n, models, k, targets, widths):
+    t0 = time.perf_counter()
     import flax.linen as nn
     import jax
 
     import trax_attr
+    imported = time.perf_counter()
 
     class MLP(nn.Module):
         @nn.compact
@@ -67,6 +81,7 @@ def run_ours(n, models, k, targets, widths):
     (x, y), (tx, ty) = data(n, targets, widths[0])
     ckpts = [MLP().init(jax.random.key(m), x[:1]) for m in range(models)]
     times = dict.fromkeys(PHASES, 0.0)
+    times["import"], times["setup"] = imported - t0, time.perf_counter() - imported
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         traker = trax_attr.TRAKer(model=MLP(), task="image_classification",
@@ -94,9 +109,11 @@ def run_ours(n, models, k, targets, widths):
 
 
 def run_traker(n, models, k, targets, widths):
+    t0 = time.perf_counter()
     import torch
     import trak
     from trak.projectors import BasicProjector, ProjectionType
+    imported = time.perf_counter()
 
     torch.set_num_threads(2)
     (x, y), (tx, ty) = data(n, targets, widths[0])
@@ -112,6 +129,7 @@ def run_traker(n, models, k, targets, widths):
     model = mlp(0)
     ckpts = [mlp(m).state_dict() for m in range(models)]
     times = dict.fromkeys(PHASES, 0.0)
+    times["import"], times["setup"] = imported - t0, time.perf_counter() - imported
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         projector = BasicProjector(grad_dim=grad_dim(widths), proj_dim=k, seed=0,
@@ -194,48 +212,60 @@ def child(args) -> dict:
     return times
 
 
-def spawn(kind: str, n: int, m: int, k: int, targets: int) -> tuple[dict, float]:
+def spawn(kind: str, n: int, m: int, k: int, targets: int, src: str | None = None
+          ) -> tuple[dict, float]:
+    env = None if src is None else {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
     t0 = time.perf_counter()
-    done = subprocess.run([sys.executable, __file__, "--child", kind, "--n", str(n),
+    done = subprocess.run([sys.executable, __file__, "--child",
+                           "trax_attr" if kind == BASELINE else kind, "--n", str(n),
                            "--m", str(m), "--k", str(k), "--targets", str(targets)],
-                          check=True, capture_output=True, text=True)
+                          check=True, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - t0
 
 
-def measure(n, m, k, targets, repeats) -> dict:
-    runs = {lib: [] for lib in LIBRARIES}
+def measure(n, m, k, targets, repeats, baseline: str | None = None) -> dict:
+    libs = LIBRARIES + ((BASELINE,) if baseline else ())
+    runs = {lib: [] for lib in libs}
     machine = []
-    for _ in range(repeats):  # alternating: a drift of the machine's speed hits both
-        for lib in LIBRARIES:
-            times, wall = spawn(lib, n, m, k, targets)
+    for _ in range(repeats):  # alternating: a drift of the machine's speed hits all
+        for lib in libs:
+            times, wall = spawn(lib, n, m, k, targets, baseline if lib == BASELINE else None)
             runs[lib].append({**times, "process_s": wall})
         machine.append(spawn("rates", n, m, k, targets)[0])
     r = {key: max(x[key] for x in machine) if key != "inverse_s"
          else min(x[key] for x in machine) for key in machine[0]}
-    best = {lib: {p: min(x[p] for x in runs[lib]) for p in PHASES + ("process_s",)}
-            for lib in LIBRARIES}
-    for lib in LIBRARIES:
+    best = {lib: {p: min(x[p] for x in runs[lib]) for p in PHASES + OUTSIDE}
+            for lib in libs}
+    for lib in libs:
         best[lib]["total"] = min(sum(x[p] for p in PHASES) for x in runs[lib])
     bound = bounds(n, m, k, targets, grad_dim(), r)
     ours, ref = best["trax_attr"], best["traker 0.3.2"]
-    return {"n_train": n, "models": m, "proj_dim": k, "targets": targets, "d": grad_dim(),
-            "repeats": repeats, "rates": r, "bound_s": bound, "best_s": best, "runs": runs,
-            "ratio_traker_over_ours": {p: ref[p] / ours[p] for p in
-                                       PHASES + ("total", "process_s")},
-            "ours_fraction_of_bound": {p: bound[p] / ours[p] for p in PHASES}}
+    keys = PHASES + ("total",) + OUTSIDE
+    out = {"n_train": n, "models": m, "proj_dim": k, "targets": targets, "d": grad_dim(),
+           "repeats": repeats, "rates": r, "bound_s": bound, "best_s": best, "runs": runs,
+           "ratio_traker_over_ours": {p: ref[p] / ours[p] for p in keys},
+           "ours_fraction_of_bound": {p: bound[p] / ours[p] for p in PHASES}}
+    if baseline:
+        out["baseline_src"] = str(Path(baseline).resolve())
+        out["ratio_baseline_over_ours"] = {p: best[BASELINE][p] / ours[p] for p in keys}
+    return out
 
 
-def table(rows) -> str:
+def table(rows, lib: str = "trax_attr") -> str:
+    """The rows of ``lib`` (trax_attr, or the baseline) against traker."""
     lines = ["| n, M, k | " + " | ".join(f"{p} ours / traker (bound)" for p in PHASES)
-             + " | total ours / traker (x) | process ours / traker (x) |",
-             "|---" * (len(PHASES) + 3) + "|"]
+             + " | total ours / traker (x) | import, setup ours / traker"
+             " | process ours / traker (x) |",
+             "|---" * (len(PHASES) + 4) + "|"]
     for r in rows:
-        o, t, b = r["best_s"]["trax_attr"], r["best_s"]["traker 0.3.2"], r["bound_s"]
-        x = r["ratio_traker_over_ours"]
+        o, t, b = r["best_s"][lib], r["best_s"]["traker 0.3.2"], r["bound_s"]
+        x = {p: t[p] / o[p] for p in PHASES + ("total",) + OUTSIDE}
         cells = [f"{o[p]:.2f} / {t[p]:.2f} ({b[p]:.2f})" for p in PHASES]
         lines.append(f"| {r['n_train']}, {r['models']}, {r['proj_dim']} | "
                      + " | ".join(cells)
                      + f" | {o['total']:.2f} / {t['total']:.2f} ({x['total']:.2f}x)"
+                     + f" | {o['import']:.2f}, {o['setup']:.2f} / {t['import']:.2f}, "
+                       f"{t['setup']:.2f}"
                      + f" | {o['process_s']:.2f} / {t['process_s']:.2f} ({x['process_s']:.2f}x) |")
     return "\n".join(lines)
 
@@ -248,6 +278,8 @@ def main(argv=None):
                     help="checkpoints M and proj_dim k, as M:k")
     ap.add_argument("--targets", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--baseline", metavar="SRC",
+                    help="another trax_attr source tree (its src folder) run alongside")
     ap.add_argument("--child", choices=LIBRARIES + ("rates",))
     ap.add_argument("--n", type=int)
     ap.add_argument("--m", type=int)
@@ -261,8 +293,10 @@ def main(argv=None):
     configs = [(n, *map(int, mk.split(":"))) for mk in args.mk for n in args.sizes]
     rows = []
     for n, m, k in configs:
-        rows.append(measure(n, m, k, args.targets, args.repeats))
+        rows.append(measure(n, m, k, args.targets, args.repeats, args.baseline))
         print(table(rows[-1:]).splitlines()[-1], flush=True)
+        if args.baseline:
+            print("baseline " + table(rows[-1:], BASELINE).splitlines()[-1], flush=True)
     path = RESULTS / ("fresh_process_quick.json" if args.quick else "fresh_process.json")
     path.write_text(json.dumps({
         "machine": f"{platform.machine()}, {platform.processor() or '?'}",
@@ -272,6 +306,9 @@ def main(argv=None):
           f"(d = {grad_dim()}), {args.targets} targets, batch {BATCH}, best of "
           f"{args.repeats}; seconds; bound: this machine's rates measured in the same run")
     print(table(rows))
+    if args.baseline:
+        print(f"\nthe baseline, trax_attr from {args.baseline}, in the same alternation:")
+        print(table(rows, BASELINE))
     print(f"wrote {path}")
 
 

@@ -74,6 +74,15 @@ def test_fresh_process_quick():
     for lib in ("trax_attr", "traker 0.3.2"):
         assert all(row["best_s"][lib][p] > 0 for p in phases)
         assert row["best_s"][lib]["process_s"] > row["best_s"][lib]["total"]
+        assert row["best_s"][lib]["import"] > 0 and row["best_s"][lib]["setup"] > 0
     assert all(row["bound_s"][p] > 0 for p in phases)
     assert row["rates"]["dot_float32_flops"] > 0 and row["rates"]["dot_bfloat16_flops"] > 0
     assert row["rates"]["xtx_flops"] > 0 and row["rates"]["inverse_s"] > 0
+
+
+def test_hashes():
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "hashes.py"), "--quick"],
+                   check=True, cwd=ROOT, timeout=120)
+    out = json.loads((ROOT / "benchmarks/results/hashes_quick.json").read_text())
+    assert set(out["GB_per_s"]) == {"blake2b", "xxh3_128"}
+    assert all(rate > 0 for rate in out["GB_per_s"].values())

@@ -29,6 +29,22 @@ def leaves(key, sizes, batch=6):
     return tuple(jax.random.normal(k, (batch, s)) for k, s in zip(keys, sizes))
 
 
+def test_projection_key_is_fold_in_of_the_seed_key():
+    """The key made on the host (threefry in Python, no compile) is jax.random's own
+    fold_in(key(seed), model_id), eagerly and inside jit, for edge and random values."""
+    rng = np.random.default_rng(0)
+    pairs = [(0, 0), (0, 1), (1, 0), (2**32 - 1, 2**32 - 1)] + [
+        tuple(int(v) for v in rng.integers(0, 2**32, 2)) for _ in range(16)]
+    for seed, model_id in pairs:
+        expected = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), model_id))
+        key = trax_attr.projection_key(seed, model_id)
+        assert key.dtype == jax.random.key(0).dtype
+        np.testing.assert_array_equal(jax.random.key_data(key), expected)
+    traced = jax.jit(trax_attr.projection_key)(np.uint32(7), np.uint32(3))
+    np.testing.assert_array_equal(jax.random.key_data(traced),
+                                  jax.random.key_data(trax_attr.projection_key(7, 3)))
+
+
 @pytest.mark.parametrize("proj", ALL)
 def test_project_equals_dense_matrix(proj):
     """φ = Pᵀ g / √d with P from materialize, for leaves split anyhow."""

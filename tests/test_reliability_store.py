@@ -128,7 +128,7 @@ def test_crash_inside_finalize_features_never_leaves_a_used_half_array(
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # stands for a kill after half the rows
 
-    monkeypatch.setattr(writes, "file_record", crash)
+    monkeypatch.setattr(writes, "bytes_record", crash)  # the temp file is written
     with pytest.raises(KeyboardInterrupt):
         traker.finalize_features()
     folder = tmp_path / "models" / "0"

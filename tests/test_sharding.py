@@ -59,10 +59,15 @@ def test_eight_devices_match_one_device(eight_devices, mesh):
 @pytest.mark.parametrize("mesh", ["one", "eight", "grid", "proj", "projgen", "sharded"])
 def test_functional_core_equals_traker_on_every_mesh(eight_devices, mesh):
     """An ensemble of 2 on 1 and 8 devices: trak_scores on the stored rows (same mesh,
-    same chunks) gives the TRAKer's scores to 1e-6 of their scale."""
+    same chunks) gives the TRAKer's scores to 1e-6 of their scale. On one CPU device the
+    store path multiplies in numpy (streams.on_host) while trak_scores, being jittable,
+    runs XLA's kernels: another float32 summation order of XᵀX, amplified by its
+    conditioning (3e-6 here; both are 2-3e-6 from the float64 closed form), so 1e-5 as
+    between meshes."""
     r = eight_devices
     scores, functional = r[f"{mesh}_scores"], r[f"{mesh}_functional"]
-    assert np.abs(functional - scores).max() <= 1e-6 * np.abs(scores).max()
+    tolerance = 1e-5 if mesh == "one" else 1e-6
+    assert np.abs(functional - scores).max() <= tolerance * np.abs(scores).max()
 
 
 def test_sharded_solve_scores_match_the_host_solve(eight_devices):

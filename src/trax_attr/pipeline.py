@@ -32,14 +32,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from . import parallel
-from .engine import inverse_gram, resolve_lambda, row_weights
+from .engine import inverse_gram, resolve_lambda
 from .engine.linalg import choose_solve
 from .parallel import solve as sharded
 from .store.backend import StoreBackend
 from .store.checksums import verify_row_checks
 from .store.locks import job_lock
-from .streams import (chunk_rows, merge_process_topk, stream_fold, stream_gram,
-                      stream_gram_sharded, stream_scores)
+from .streams import (chunk_rows, host_row_weights, merge_process_topk, stream_fold,
+                      stream_gram, stream_gram_sharded, stream_scores)
 
 __all__ = ["chunk_rows", "stream_gram", "stream_gram_sharded", "stream_fold", "stream_scores",
            "merge_process_topk", "finalize_features", "finalize_scores", "scores_lock",
@@ -326,7 +326,7 @@ def _score_streams(store, used, folded, n, chunk, mesh, top_k, target_chunk):
             return np.stack([s.read(start, stop) for s in train])
 
         def read_weights(start, stop):
-            return np.asarray(row_weights(np.stack([s.read(start, stop) for s in q])))
+            return host_row_weights(np.stack([s.read(start, stop) for s in q]))
 
         result = stream_scores(read_train, read_weights, folded, n, chunk, mesh,
                                top_k=top_k, target_chunk=target_chunk)
@@ -360,8 +360,8 @@ def _score_process_rows(store, used, folded, n, chunk, mesh, top_k, target_chunk
         return np.stack([store.read_rows(i, "grads", start, stop) for i in used])
 
     def read_weights(start, stop):
-        return np.asarray(row_weights(np.stack([store.read_rows(i, "out_to_loss", start, stop)
-                                                for i in used])))
+        return host_row_weights(np.stack([store.read_rows(i, "out_to_loss", start, stop)
+                                          for i in used]))
 
     mine = stream_scores(read_train, read_weights, folded, n, chunk, mesh, top_k=top_k,
                          target_chunk=target_chunk, rows=parallel.process_rows(n))

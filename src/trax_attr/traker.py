@@ -16,9 +16,8 @@ The workflow is traker's::
             traker.score(batch=batch, num_samples=len(batch[0]))
     scores = traker.finalize_scores(exp_name="test")      # (n, m) float32
 
-This class holds the cursors, the loaded checkpoint and the progress bars; the kernels
-are the engine's (:mod:`trax_attr.parallel`), the finalize steps :mod:`trax_attr.pipeline`'s
-and the files :mod:`trax_attr.store`'s. Every step is resumable: rows on disk are skipped.
+It holds cursors, the loaded checkpoint and progress bars; kernels, finalize steps and files
+are in trax_attr.parallel, .pipeline and .store. Steps resume: rows on disk are skipped.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from .models import as_model
 from .projection import get_projector
 from .settings import (MAX_MODEL_ID, Settings, check_int, check_model_ids, learned_config,
                        refuse_unknown)
-from .store import open_store
+from .store import KeptRows, open_store
 from .tasks import ModelOutput, get_task
 
 __all__ = ["TRAKer"]
@@ -120,6 +119,7 @@ class TRAKer:
         self._scoring: dict[str, Any] | None = None
         self._shapes: dict = {}
         self._resident = Resident()  # batch sizes compiled; the last checkpoint's P
+        self._rows = KeptRows()  # the row arrays of the last batch, kept open
 
     # --- checkpoints ---------------------------------------------------------------------
     @property
@@ -208,14 +208,15 @@ class TRAKer:
                     "save_dir); a resumed script can skip checkpoints where "
                     "traker.finalized(model_id).")
             self._check_batch(loaded, batch, inds)
-            arrays = self.store.model_arrays(loaded.model_id, self.train_set_size, self.proj_dim)
+            arrays = self._rows.get(("train", loaded.model_id), lambda: self.store.model_arrays(
+                loaded.model_id, self.train_set_size, self.proj_dim))
             batches.write_batch(
                 self.store, arrays, batch, inds, lambda work: self._features(loaded, work),
                 {"grads": "projected gradients",
                  "out_to_loss": "out-to-loss values (from the model outputs)"},
                 kind="training", mode=self.nonfinite, progress=self._progress,
                 label=f"featurize model {loaded.model_id}")
-        # only a batch that is on disk moves the cursor: a failed call can be repeated as is
+        # only a batch on disk moves the cursor: a failed call can be repeated as is
         self._train_cursor = int(inds.max()) + 1 if inds.size else self._train_cursor
 
     def _check_batch(self, loaded: _Loaded, batch: tuple, inds: np.ndarray) -> None:
@@ -324,8 +325,8 @@ class TRAKer:
                                   "target")
         with self.store.experiment_lock(exp, shared=True, doing="score"):
             self._check_batch(loaded, batch, inds)
-            arrays = self.store.target_arrays(exp, loaded.model_id, s["num_targets"],
-                                              self.proj_dim)
+            arrays = self._rows.get((exp, loaded.model_id, s["num_targets"]), lambda: (
+                self.store.target_arrays(exp, loaded.model_id, s["num_targets"], self.proj_dim)))
             batches.write_batch(
                 self.store, arrays, batch, inds, lambda work: self._features(loaded, work),
                 {"grads": "projected target gradients"}, kind="target", mode=self.nonfinite,

@@ -34,9 +34,10 @@ import numpy as np
 import scipy.linalg
 
 __all__ = ["IllConditionedWarning", "gram_block", "inverse_gram", "inverse",
-           "resolve_lambda", "check_lambda", "blas_threads", "CONDITION_WARN", "AUTO", "SOLVES",
-           "HOST_SOLVE_LIMIT", "host_solve_bytes", "choose_solve", "check_solve", "gram_rows",
-           "pivot_inverse", "sweep_rows", "condition_warning", "singular_message"]
+           "resolve_lambda", "check_lambda", "blas_threads", "capped_blas", "CONDITION_WARN",
+           "AUTO", "SOLVES", "HOST_SOLVE_LIMIT", "host_solve_bytes", "choose_solve",
+           "check_solve", "gram_rows", "pivot_inverse", "sweep_rows", "condition_warning",
+           "singular_message"]
 
 
 def blas_threads() -> int:
@@ -51,7 +52,7 @@ def blas_threads() -> int:
     return max(1, cpus // 2)
 
 
-def _capped_blas():
+def capped_blas():
     """A context capping the host BLAS at :func:`blas_threads` (threadpoolctl, installed
     with the ``fast`` extra or scikit-learn); without threadpoolctl, no cap (set
     ``OPENBLAS_NUM_THREADS`` yourself)."""
@@ -127,7 +128,7 @@ def inverse_gram(gram: np.ndarray, lambda_reg: float = 0.0, *,
       lambda_reg: λ ≥ 0, a number (resolve ``"auto"`` first with :func:`resolve_lambda`).
       traker_inverse_rescale: divide A by mean|A| as traker 0.3.2 does.
     """
-    with _capped_blas():
+    with capped_blas():
         return _inverse_gram(np.asarray(gram, np.float64), lambda_reg, traker_inverse_rescale)
 
 
@@ -145,7 +146,7 @@ def _inverse_gram(gram: np.ndarray, lambda_reg: float, traker_inverse_rescale: b
         warnings.warn(singular_message(lambda_reg) + "; using its pseudo-inverse. Set "
                       "lambda_reg > 0 (e.g. 'auto', or 1e-3 × the mean diagonal of XᵀX) or "
                       "featurize more training examples than proj_dim.",
-                      IllConditionedWarning, stacklevel=4)  # under _capped_blas
+                      IllConditionedWarning, stacklevel=4)  # under capped_blas
         inverse = np.linalg.pinv(reg, hermitian=True)
         inverse = (inverse + inverse.T) / 2
     else:

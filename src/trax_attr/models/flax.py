@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from .base import Model, _hashable
+from .base import Model, _hashable, _is_subclass
 from .checkpoints import (CheckpointMismatchError, _leaves, _pure, _without_value_level,
                           leaf_differences)
 from .taps import linen_apply_tapped, nnx_apply_tapped
@@ -206,15 +206,13 @@ def linen_model(module, **apply_kwargs) -> Model:
 
 def adapt(model, backend) -> Model | None:
     """The Flax adapter of :func:`~trax_attr.models.as_model`: None for other models."""
-    try:
-        from flax import linen, nnx
-    except ImportError:  # flax is optional for plain callables
-        return None
-    if not isinstance(model, (nnx.Module, linen.Module)):
+    # decided from the class's bases, so a linen model does not import flax.nnx (0.7 s)
+    is_nnx = _is_subclass(type(model), "flax.nnx", "Module")
+    if not (is_nnx or _is_subclass(type(model), "flax.linen", "Module")):
         return None
     if backend is not None:
         raise ValueError(
             f"backend={backend!r} applies to torch modules only; got a "
             f"{type(model).__name__}. Leave backend=None for JAX and Flax models."
         )
-    return nnx_model(model) if isinstance(model, nnx.Module) else linen_model(model)
+    return nnx_model(model) if is_nnx else linen_model(model)

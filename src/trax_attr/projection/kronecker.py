@@ -55,7 +55,6 @@ import zlib
 from typing import Any, NamedTuple
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -260,6 +259,8 @@ def _used_untapped(task, model, selection, selected, rest, state, example, paths
 
         return jax.jvp(f, (kernels,), (tangents,))[1]
 
+    from jax.extend.core import Literal  # here: jax.extend imports pallas too (0.1 s)
+
     spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
     kernels = tuple(spec(selected[i]) for i in idx)
     closed = jax.make_jaxpr(jvp_out)(kernels, kernels, *jax.tree.map(
@@ -269,12 +270,12 @@ def _used_untapped(task, model, selection, selected, rest, state, example, paths
     deps = {v: frozenset([j]) for j, v in enumerate(jaxpr.invars[n:2 * n])}
     for eqn in jaxpr.eqns:
         found = frozenset().union(*(deps.get(v, frozenset()) for v in eqn.invars
-                                    if not isinstance(v, jax.extend.core.Literal)))
+                                    if not isinstance(v, Literal)))
         if found:
             for v in eqn.outvars:
                 deps[v] = found
     reached = frozenset().union(*(deps.get(v, frozenset()) for v in jaxpr.outvars
-                                  if not isinstance(v, jax.extend.core.Literal)))
+                                  if not isinstance(v, Literal)))
     return [paths[j] for j in sorted(reached)]
 
 

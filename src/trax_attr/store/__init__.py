@@ -8,8 +8,8 @@ from .errors import StoreBusyError, StoreCorruptedError, StoreWriteError
 from .layout import FORMAT_VERSION, check_model_id, check_name
 from .reading import read_rows
 from .store import Store
-from .writes import write_rows
+from .writes import KeptRows, write_rows
 
-__all__ = ["FORMAT_VERSION", "Store", "StoreBusyError", "StoreCorruptedError", "StoreWriteError",
-           "StoreBackend", "check_model_id", "check_name", "file_record", "is_url", "open_store",
-           "read_rows", "row_checks", "write_rows"]
+__all__ = ["FORMAT_VERSION", "KeptRows", "Store", "StoreBusyError", "StoreCorruptedError",
+           "StoreWriteError", "StoreBackend", "check_model_id", "check_name", "file_record",
+           "is_url", "open_store", "read_rows", "row_checks", "write_rows"]

@@ -5,7 +5,7 @@ Layout under ``save_dir`` (format version 2)::
     store.json                          settings, their keys and digest; learnt widths
     locks/                              flock(2) lock files (no content)
     models/<model_id>/meta.json         fingerprint, settings (digest and values), finalize
-                                        records (size + blake2b of every finished file)
+                                        records (size + xxh3_128 of every finished file)
     models/<model_id>/grads.npy         (n_train, k) f32  projected gradients Φ
     models/<model_id>/out_to_loss.npy   (n_train,)   f32  Q
     models/<model_id>/check.npy         (n_train,)   u8   a check of each row's Φ and Q,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..settings import MAX_MODEL_ID
+from .checksums import record_digest
 from .errors import StoreCorruptedError, repair_hint
 
 __all__ = ["BOUND", "check_store_meta", "check_model_meta", "check_experiment_meta", "is_record",
@@ -44,9 +45,11 @@ def _int(value, low: int = 0, high: int | None = None) -> bool:
 
 
 def is_record(value) -> bool:
-    """Whether ``value`` is a ``{"bytes": int, "blake2b": hex}`` file record."""
-    return (isinstance(value, dict) and _int(value.get("bytes"))
-            and isinstance(value.get("blake2b"), str) and bool(_HEX.fullmatch(value["blake2b"])))
+    """Whether ``value`` is a ``{"bytes": int, digest: hex}`` file record, the digest one
+    of :data:`~trax_attr.store.checksums.DIGESTS` (xxh3_128, or blake2b from older stores)."""
+    digest = record_digest(value)
+    return (digest is not None and _int(value.get("bytes"))
+            and isinstance(value[digest], str) and bool(_HEX.fullmatch(value[digest])))
 
 
 def _records(path: Path, entry: str, meta: dict, key: str) -> None:
@@ -55,7 +58,7 @@ def _records(path: Path, entry: str, meta: dict, key: str) -> None:
     value = meta[key]
     if not isinstance(value, dict) or not all(isinstance(k, str) and is_record(v)
                                               for k, v in value.items()):
-        raise _bad(path, f"{entry} (file records {{\"bytes\", \"blake2b\"}})", "a valid", value)
+        raise _bad(path, f"{entry} (file records {{\"bytes\", \"xxh3_128\"}})", "a valid", value)
 
 
 def _lambda(path: Path, entry: str, value) -> None:

@@ -14,7 +14,7 @@ Rules, and the fault each one answers:
   the same page cache, so processes writing disjoint rows, even rows sharing a page, never
   overwrite each other (this does not hold on network filesystems such as NFS).
 * A finished array (XᵀX, the inverse, scores) is written under a temp name, fsynced and
-  renamed; its size and blake2b digest, and those of the rows it was computed from, are
+  renamed; its size and xxh3_128 digest, and those of the rows it was computed from, are
   recorded in the metadata in the same atomic write that marks it finished, and verified
   whenever it is used. A half-written or altered array is never used.
 * Writers take flock(2) locks in ``locks/`` (:mod:`.locks`).
