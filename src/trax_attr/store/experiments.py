@@ -112,18 +112,8 @@ class ExperimentFiles:
         """Refuse target files of checkpoints that the experiment's meta does not list (the
         list was edited): finalize_scores would silently leave them out."""
         folder = self.experiment_dir(name)
-        found = set()
-        for p in folder.iterdir():
-            head, _, tail = p.name.partition("_")
-            if tail in ("targets.npy", "done.npy", "check.npy") and model_id_of(head) is not None:
-                found.add(int(head))
-        stray = sorted(found - set(meta["model_ids"]))
-        if stray:
-            raise StoreCorruptedError(
-                f"{str(folder)!r} holds target rows of model_ids {stray} that its meta.json "
-                f"does not list ({meta['model_ids']}): the metadata was edited or replaced. "
-                "Restore it, or delete the files of those checkpoints in that folder (their "
-                "targets are scored again by start_scoring_checkpoint and score).")
+        refuse_unlisted(str(folder), (p.name for p in folder.iterdir()), meta, "files",
+                        "in that folder")
 
     def experiment_rows(self, name: str, model_id: int, k: int) -> RowArrays:
         """The target arrays of ``model_id`` in experiment ``name``, read-only."""
@@ -195,3 +185,21 @@ class ExperimentFiles:
             return read_verified(handle, path, record, f"scores of experiment {name!r}", fix,
                                  None if n is None else (n, meta["num_targets"]), np.float32,
                                  mode="load")
+
+
+def refuse_unlisted(where: str, names, meta: dict[str, Any], unit: str, place: str) -> None:
+    """StoreCorruptedError if ``names`` (file or object names of an experiment) hold target
+    rows of model_ids that ``meta["model_ids"]`` does not list."""
+    found = set()
+    for name in names:
+        head, _, tail = name.partition("_")
+        if tail.removesuffix(".npy") in ("targets", "done", "check") \
+                and model_id_of(head) is not None:
+            found.add(int(head))
+    stray = sorted(found - set(meta["model_ids"]))
+    if stray:
+        raise StoreCorruptedError(
+            f"{where!r} holds target rows of model_ids {stray} that its meta.json does not "
+            f"list ({meta['model_ids']}): the metadata was edited or replaced. Restore it, or "
+            f"delete the {unit} of those checkpoints {place} (their targets are scored again "
+            "by start_scoring_checkpoint and score).")

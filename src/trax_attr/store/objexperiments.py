@@ -14,10 +14,11 @@ import numpy as np
 
 from .checksums import verify_row_checks
 from .errors import StoreCorruptedError
-from .experiments import ExperimentFiles
-from .layout import check_model_id, check_name, model_id_of
+from .experiments import ExperimentFiles, refuse_unlisted
+from .layout import check_model_id, check_name
 from .objects import ObjectPath
-from .objrows import ObjectRowArrays, finished_key, load_finished, save_finished
+from .objrows import (ObjectRowArrays, array_record, finished_key, load_finished,
+                      save_finished)
 
 __all__ = ["ObjectExperiments"]
 
@@ -70,18 +71,9 @@ class ObjectExperiments(ExperimentFiles):
         return arrays
 
     def check_listed(self, name: str, meta: dict[str, Any]) -> None:
-        found = set()
-        for key in self.objects.list(self._exp_key(name)):
-            head, _, tail = key.split("/")[0].partition("_")
-            if tail in ("targets", "done", "check") and model_id_of(head) is not None:
-                found.add(int(head))
-        stray = sorted(found - set(meta["model_ids"]))
-        if stray:
-            raise StoreCorruptedError(
-                f"{str(self.experiment_dir(name))!r} holds target rows of model_ids {stray} "
-                f"that its meta.json does not list ({meta['model_ids']}): the metadata was "
-                "edited or replaced. Restore it, or delete the objects of those checkpoints "
-                "under that prefix.")
+        refuse_unlisted(str(self.experiment_dir(name)),
+                        (key.split("/")[0] for key in self.objects.list(self._exp_key(name))),
+                        meta, "objects", "under that prefix")
 
     def finished_targets(self, name: str, model_id: int, m: int, k: int
                          ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -94,10 +86,7 @@ class ObjectExperiments(ExperimentFiles):
                f"{str(arrays.rows['done'].url)!r}, then score model_id={model_id} in "
                f"experiment {name!r} again.")
         targets = arrays.rows["grads"].read(0, m)
-        raw = memoryview(np.ascontiguousarray(targets).reshape(-1)).cast("B")
-        from ..hashing import Hasher
-
-        found = {"bytes": len(raw), "blake2b": Hasher().update(raw).hexdigest()}
+        found = array_record(targets)
         record = (self.experiment_meta(name) or {}).get("arrays", {}).get(
             f"{model_id}_targets.npy")
         if record is not None:

@@ -169,7 +169,8 @@ class RowReader:
         pass
 
 
-def _record(value: np.ndarray) -> dict[str, Any]:
+def array_record(value: np.ndarray) -> dict[str, Any]:
+    """``{"bytes", "blake2b"}`` of an array's C-order bytes."""
     raw = memoryview(np.ascontiguousarray(value).reshape(-1)).cast("B")
     return {"bytes": len(raw), "blake2b": Hasher().update(raw).hexdigest()}
 
@@ -184,7 +185,7 @@ def save_finished(objects: Objects, base: str, value: np.ndarray) -> dict[str, A
     value = np.ascontiguousarray(value)
     if value.ndim == 0:
         raise ValueError("finished arrays have at least one axis")
-    record = _record(value)
+    record = array_record(value)
     rows = ObjectRows(objects, finished_key(base, record), value.shape, value.dtype, create=True)
     rows.wait(rows._array.write(value))
     return record
@@ -202,7 +203,7 @@ def load_finished(objects: Objects, base: str, record: dict[str, Any] | None, sh
     except StoreCorruptedError as err:
         raise StoreCorruptedError(f"{what}: {err} {fix}") from None
     value = rows.read(0, rows.shape[0])
-    found = _record(value)
+    found = array_record(value)
     if found != {"bytes": record["bytes"], "blake2b": record["blake2b"]}:
         raise StoreCorruptedError(
             f"{what} at {objects.where(key)!r} does not match the checksum recorded when it "
